@@ -1,0 +1,322 @@
+"""Typed configuration: the one source of truth for every default.
+
+A recipe (``recipes/*.py``) builds an :class:`IWMConfig`, changes what it needs and calls the engine.
+Defaults follow ``PAPER.md`` (Garrido et al. 2024, with I-JEPA defaults where the paper is silent).
+Any field can be overridden from the command line with ``--set section.field=value``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Views: the shared crop + flip, the target jitter, the source jitter + destructive transforms.
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class ViewConfig:
+    # geometry shared by source and target view (applied in the loader, per image)
+    crop_scale: Tuple[float, float] = (0.3, 1.0)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_p: float = 0.5
+    # colour jitter, drawn independently for the source view x and the target view y
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    # 'random': the four jitter ops run in a random order per sample (as torchvision's ColorJitter) and
+    # the order is recorded; 'fixed': always brightness, contrast, saturation, hue.
+    jitter_order: str = "random"
+    # destructive transforms, source view only
+    blur_p: float = 0.2
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    grayscale_p: float = 0.2
+    solarize_p: float = 0.1
+    solarize_threshold: float = 0.5
+
+    @property
+    def action_dim(self) -> int:
+        # [d_brightness, d_contrast, d_saturation, d_hue, blur, grayscale, solarize]
+        return 7
+
+    def validate(self) -> None:
+        for name in ("hflip_p", "jitter_p", "blur_p", "grayscale_p", "solarize_p"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"views.{name}={v} is a probability: use a value in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"views.{name}={v}: the jitter factor is drawn from [1-v, 1+v]; use 0 <= v < 1")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ConfigError(f"views.hue={self.hue}: hue shift must be in [0, 0.5]")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"views.crop_scale={self.crop_scale}: need 0 < min <= max <= 1")
+        if self.jitter_order not in ("random", "fixed"):
+            raise ConfigError(f"views.jitter_order={self.jitter_order!r}: use 'random' or 'fixed'")
+        lo, hi = self.blur_sigma
+        if not 0.0 < lo <= hi:
+            raise ConfigError(f"views.blur_sigma={self.blur_sigma}: need 0 < min <= max")
+
+
+def strong_jitter() -> ViewConfig:
+    """The 'strong jitter' ablation of PAPER.md (about 0.8/0.8/0.8/0.2)."""
+    return ViewConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    # 'embedded' = the procedurally generated default set (no download); otherwise an ImageFolder path
+    # (class subfolders, as ImageNet's train/ layout).
+    dataset: str = "embedded"
+    img_size: int = 224
+    batch_size: int = 128  # per rank
+    num_workers: int = 8
+    # the embedded set: number of classes and images per class (train split; val is a quarter of it)
+    embedded_classes: int = 10
+    embedded_per_class: int = 200
+    embedded_native_size: int = 96  # generated resolution before the random resized crop
+
+    def validate(self) -> None:
+        if self.img_size <= 0:
+            raise ConfigError(f"data.img_size={self.img_size}: must be positive")
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size={self.batch_size}: must be positive")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks: union of blocks as target, complement as context
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class MaskConfig:
+    num_blocks: int = 4
+    block_scale: Tuple[float, float] = (0.15, 0.2)  # fraction of the patch grid per block
+    aspect_ratio: Tuple[float, float] = (0.75, 1.5)
+    min_context: int = 4  # redraw the union if fewer context patches remain
+
+    def validate(self) -> None:
+        if self.num_blocks < 1:
+            raise ConfigError(f"masks.num_blocks={self.num_blocks}: need at least one target block")
+        lo, hi = self.block_scale
+        if not 0.0 < lo <= hi < 1.0:
+            raise ConfigError(f"masks.block_scale={self.block_scale}: need 0 < min <= max < 1")
+        lo, hi = self.aspect_ratio
+        if not 0.0 < lo <= hi:
+            raise ConfigError(f"masks.aspect_ratio={self.aspect_ratio}: need 0 < min <= max")
+        if self.min_context < 1:
+            raise ConfigError(f"masks.min_context={self.min_context}: the encoder needs at least one token")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------
+# name -> (embed_dim, depth, num_heads); timm / I-JEPA sizes
+ENCODER_SIZES = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+CONDITIONING_MODES = ("feature", "sequence", "none")
+
+
+@dataclass
+class ModelConfig:
+    # encoder: a named size, or 'custom' with embed_dim/depth/num_heads below
+    encoder: str = "vit_base"
+    patch_size: int = 16
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    # predictor: IWM^{Equi}_{18,384} by default
+    predictor_depth: int = 18
+    predictor_width: int = 384
+    predictor_heads: int = 12
+    conditioning: str = "feature"  # feature | sequence | none (= I-JEPA)
+    # attention backend: auto | xformers | sdpa | reference (see kernels/attention.py)
+    attention: str = "auto"
+
+    def encoder_dims(self) -> Tuple[int, int, int]:
+        if self.encoder == "custom":
+            if None in (self.embed_dim, self.depth, self.num_heads):
+                raise ConfigError("model.encoder='custom' needs model.embed_dim, model.depth and model.num_heads")
+            return self.embed_dim, self.depth, self.num_heads
+        if self.encoder not in ENCODER_SIZES:
+            raise ConfigError(
+                f"model.encoder={self.encoder!r} is unknown: use one of {sorted(ENCODER_SIZES)} or 'custom'")
+        return ENCODER_SIZES[self.encoder]
+
+    def validate(self, img_size: int) -> None:
+        dim, _, heads = self.encoder_dims()
+        if dim % heads:
+            raise ConfigError(f"encoder width {dim} is not divisible by its {heads} heads")
+        if self.predictor_width % self.predictor_heads:
+            raise ConfigError(f"model.predictor_width={self.predictor_width} is not divisible by "
+                              f"model.predictor_heads={self.predictor_heads}")
+        if img_size % self.patch_size:
+            raise ConfigError(f"data.img_size={img_size} is not divisible by model.patch_size={self.patch_size}: "
+                              f"pick an image size that is a multiple of the patch size")
+        if self.conditioning not in CONDITIONING_MODES:
+            raise ConfigError(f"model.conditioning={self.conditioning!r}: use one of {CONDITIONING_MODES}")
+        if self.attention not in ("auto", "xformers", "sdpa", "reference"):
+            raise ConfigError(f"model.attention={self.attention!r}: use auto, xformers, sdpa or reference")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation (I-JEPA ViT-H/14 defaults, PAPER.md)
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    epochs: float = 300.0
+    warmup_epochs: float = 40.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    start_lr: float = 2e-4
+    lr: float = 1e-3
+    final_lr: float = 1e-6
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    ema: Tuple[float, float] = (0.996, 1.0)
+    clip_grad: float = 1.0  # 0 disables
+
+    def validate(self) -> None:
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError(f"optim.epochs={self.epochs}: must be positive (or set optim.max_steps)")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs}: must be >= 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"optim.max_steps={self.max_steps}: must be positive")
+        if min(self.start_lr, self.lr, self.final_lr) < 0:
+            raise ConfigError("optim learning rates must be >= 0")
+        lo, hi = self.ema
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"optim.ema={self.ema}: need 0 <= start <= end <= 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run: where, how often, which engine settings
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    zero_stage: int = 1
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    kernels: str = "auto"  # auto | triton | reference (see kernels/dispatch.py)
+    log_every: int = 10
+    eval_every: int = 0  # MRR every N steps (0: only at the end)
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage={self.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision={self.precision!r}: use auto, bf16 or fp32")
+        if self.kernels not in ("auto", "triton", "reference"):
+            raise ConfigError(f"train.kernels={self.kernels!r}: use auto, triton or reference")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
+
+
+@dataclass
+class EvalConfig:
+    mrr_candidates: int = 256  # augmented variants per image (PAPER.md protocol)
+    mrr_images: int = 16  # images the MRR is averaged over
+    probe_epochs: int = 100
+    probe_lr: float = 1e-2
+
+    def validate(self) -> None:
+        if self.mrr_candidates < 2:
+            raise ConfigError(f"eval.mrr_candidates={self.mrr_candidates}: ranking needs at least 2 candidates")
+        if self.mrr_images < 1:
+            raise ConfigError(f"eval.mrr_images={self.mrr_images}: need at least one image")
+
+
+@dataclass
+class IWMConfig:
+    name: str = "iwm"
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "IWMConfig":
+        self.data.validate()
+        self.views.validate()
+        self.masks.validate()
+        self.model.validate(self.data.img_size)
+        self.optim.validate()
+        self.train.validate()
+        self.eval.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IWMConfig":
+        def build(kind, values):
+            kw = {}
+            for f in dataclasses.fields(kind):
+                if f.name not in values:
+                    continue
+                v = values[f.name]
+                sub = _SECTIONS.get(f.name) if kind is IWMConfig else None
+                if sub is not None:
+                    v = build(sub, v)
+                elif isinstance(v, list):
+                    v = tuple(v)
+                kw[f.name] = v
+            return kind(**kw)
+
+        return build(cls, d)
+
+    def override(self, assignment: str) -> None:
+        """Apply one ``section.field=value`` override (value parsed as a Python literal)."""
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected section.field=value, e.g. optim.lr=5e-4")
+        key, raw = assignment.split("=", 1)
+        parts = key.strip().split(".")
+        target: Any = self
+        for p in parts[:-1]:
+            if not hasattr(target, p):
+                raise ConfigError(f"--set {key}: no config section {p!r}; sections are {list(_SECTIONS)}")
+            target = getattr(target, p)
+        leaf = parts[-1]
+        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+            names = [f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target) else []
+            raise ConfigError(f"--set {key}: unknown field {leaf!r}; known: {names}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare string such as a path or a name
+        if isinstance(value, list):
+            value = tuple(value)
+        setattr(target, leaf, value)
+
+
+_SECTIONS = {"data": DataConfig, "views": ViewConfig, "masks": MaskConfig, "model": ModelConfig,
+             "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
