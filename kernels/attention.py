@@ -1,0 +1,149 @@
+"""Attention over ragged, packed batches: one setting picks the backend.
+
+Each sample of a batch has its own number of tokens (context tokens for the encoder; context + target
+(+ action) tokens for the predictor). They are packed into one sequence of T tokens with offsets
+``cu_seqlens`` [B+1]; a token attends only to tokens of its own sample. No token is dropped.
+
+Backends (``IWM_ATTENTION`` env var or ``set_attention_backend``; the engine sets it from
+``model.attention``):
+
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` on the packed sequence with a
+  ``BlockDiagonalMask`` built from the per-sample lengths: no padding is computed (CUDA only).
+- ``sdpa``: PyTorch ``scaled_dot_product_attention`` on the batch padded to its longest sample with a
+  key-padding mask (any device; padding rows cost compute but no token is lost).
+- ``reference``: a plain per-sample loop with an explicit softmax; the ground truth for tests.
+- ``auto``: xformers when the tensors are on CUDA and xformers imports, else sdpa.
+
+``block_diagonal_bias`` builds, on any device, the dense additive bias that xformers' block-diagonal
+mask stands for, so the xformers path's logic is testable on CPU against the other two.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "xformers", "sdpa", "reference")
+_override: Optional[str] = None
+_announced = set()
+
+
+def set_attention_backend(name: Optional[str]) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r}: use one of {BACKENDS}")
+    global _override
+    _override = name
+
+
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # not installed, or built for another torch: fall back
+        return False
+    return True
+
+
+def resolve_backend(device: torch.device) -> str:
+    name = _override or os.environ.get("IWM_ATTENTION", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"IWM_ATTENTION={name!r}: use one of {BACKENDS}")
+    if name == "auto":
+        name = "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    elif name == "xformers" and (device.type != "cuda" or not xformers_available()):
+        raise RuntimeError("attention backend 'xformers' needs CUDA tensors and `pip install -e .[xformers]`; "
+                           "set model.attention=sdpa (or auto) to run without it")
+    if name not in _announced:
+        _announced.add(name)
+        log.info("attention backend: %s", name)
+    return name
+
+
+def _token_positions(seqlens: Sequence[int], device) -> tuple:
+    """For every packed token: its sample b and its position j within the sample."""
+    lens = torch.tensor(list(seqlens), device=device)
+    b = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    j = torch.arange(int(lens.sum()), device=device) - starts[b]
+    return b, j
+
+
+def ragged_attention_reference(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
+    """q, k, v: [T, H, Dh] packed. A loop over samples with an explicit softmax."""
+    out = []
+    start = 0
+    scale = q.shape[-1] ** -0.5
+    for n in seqlens:
+        qs, ks, vs = (t[start:start + n].transpose(0, 1).float() for t in (q, k, v))  # [H, n, Dh]
+        attn = torch.softmax((qs @ ks.transpose(-1, -2)) * scale, dim=-1)
+        out.append((attn @ vs).transpose(0, 1).to(q.dtype))
+        start += n
+    return torch.cat(out, 0)
+
+
+def _ragged_attention_sdpa(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
+    T, H, Dh = q.shape
+    B, L = len(seqlens), max(seqlens)
+    b, j = _token_positions(seqlens, q.device)
+    rows = b * L + j  # where each packed token sits in the padded [B*L] layout
+
+    def pad(t):
+        return t.new_zeros(B * L, H, Dh).index_copy(0, rows, t).view(B, L, H, Dh).transpose(1, 2)
+
+    keep = torch.zeros(B * L, dtype=torch.bool, device=q.device)
+    keep[rows] = True
+    key_mask = keep.view(B, 1, 1, L)  # True = attend
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask)  # [B, H, L, Dh]
+    return out.transpose(1, 2).reshape(B * L, H, Dh).index_select(0, rows)
+
+
+def _ragged_attention_xformers(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+    bias = BlockDiagonalMask.from_seqlens(list(seqlens))
+    return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+def block_diagonal_bias(seqlens: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Dense [T, T] additive bias, 0 inside each sample's block and -inf elsewhere: what xformers'
+    ``BlockDiagonalMask.from_seqlens(seqlens).materialize((T, T))`` stands for."""
+    b, _ = _token_positions(seqlens, device)
+    same = b[:, None] == b[None, :]
+    bias = torch.zeros(same.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~same, float("-inf"))
+
+
+def xformers_block_diagonal_bias(seqlens: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+    """The bias the xformers path uses, materialised on CPU (needs xformers importable)."""
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+    T = int(sum(seqlens))
+    return BlockDiagonalMask.from_seqlens(list(seqlens)).materialize((T, T), dtype=dtype, device="cpu")
+
+
+def attention_with_bias(q, k, v, bias: torch.Tensor) -> torch.Tensor:
+    """Dense attention over the whole packed sequence with an additive [T, T] bias (test helper)."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=bias.to(q.dtype))
+    return out[0].transpose(0, 1)
+
+
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: List[int],
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Self-attention of each sample over its own tokens. q, k, v: [T, H, Dh]; seqlens: host ints,
+    sum(seqlens) == T. Returns [T, H, Dh]."""
+    if sum(seqlens) != q.shape[0]:
+        raise ValueError(f"seqlens sum to {sum(seqlens)} but the packed batch has {q.shape[0]} tokens")
+    name = resolve_backend(q.device) if backend in (None, "auto") else backend
+    if name == "xformers":
+        return _ragged_attention_xformers(q, k, v, seqlens)
+    if name == "sdpa":
+        return _ragged_attention_sdpa(q, k, v, seqlens)
+    if name == "reference":
+        return ragged_attention_reference(q, k, v, seqlens)
+    raise ValueError(f"attention backend {name!r}: use one of {BACKENDS}")
