@@ -1,0 +1,234 @@
+"""The networks: a timm ViT encoder over ragged context tokens, and the action-conditioned predictor.
+
+Token batches are *packed*: the tokens of all samples are concatenated into one sequence [1, T, D] and a
+:class:`RaggedLayout` (per-sample lengths) tells attention where each sample starts, so every sample
+keeps all its tokens and MLPs / norms never compute on padding. Attention goes through
+``kernels.attention`` (xformers block-diagonal, SDPA, or the reference loop).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from engine.config import IWMConfig
+from engine.masks import MaskBatch
+from kernels.attention import ragged_attention
+from kernels.feature_conditioning import feature_conditioning
+from kernels.gather import gather_tokens
+
+
+@dataclass
+class RaggedLayout:
+    """Per-sample lengths of a packed token sequence (host ints: attention kernels need them there)."""
+    seqlens: List[int]
+    backend: str = "auto"
+
+
+class RaggedAttention(TimmAttention):
+    """timm's ViT attention (same parameters, so timm checkpoints load) that also accepts a packed
+    ragged batch: ``attn_mask`` may be a :class:`RaggedLayout`, then ``x`` is [1, T, C]."""
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        if not isinstance(attn_mask, RaggedLayout):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        _, T, C = x.shape
+        qkv = self.qkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)  # [T, H, Dh]
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = ragged_attention(q, k, v, attn_mask.seqlens, backend=attn_mask.backend)
+        out = self.norm(out.reshape(1, T, self.attn_dim))
+        return self.proj_drop(self.proj(out))
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [H*W, dim] (MAE / I-JEPA): half the channels encode the row,
+    half the column, each as sin/cos of the coordinate at geometrically spaced frequencies."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def enc(pos):
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], 1)
+
+    return torch.cat([enc(ys), enc(xs)], 1).float()
+
+
+class Encoder(nn.Module):
+    """A timm VisionTransformer without class token or head; fixed sin-cos positions.
+
+    ``forward(images)`` -> [B, N, D] for the whole image (the target encoder);
+    ``forward(images, masks)`` -> packed [Tc, D] for each sample's context patches only.
+    """
+
+    def __init__(self, cfg: IWMConfig):
+        super().__init__()
+        m = cfg.model
+        dim, depth, heads = m.encoder_dims()
+        self.vit = VisionTransformer(
+            img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=dim, depth=depth, num_heads=heads,
+            mlp_ratio=m.mlp_ratio, qkv_bias=True, class_token=False, global_pool="", num_classes=0,
+            drop_path_rate=m.drop_path, attn_layer=RaggedAttention)
+        gh, gw = self.vit.patch_embed.grid_size
+        self.grid = (gh, gw)
+        self.embed_dim = dim
+        self.attention = m.attention
+        self.vit.pos_embed.data.copy_(sincos_2d(dim, gh, gw)[None])
+        self.vit.pos_embed.requires_grad_(False)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(self, images: torch.Tensor, masks: Optional[MaskBatch] = None) -> torch.Tensor:
+        x = self.vit.patch_embed(images) + self.vit.pos_embed  # [B, N, D]
+        layout = None
+        if masks is not None:
+            x = gather_tokens(x, masks.flat_context())[None]  # [1, Tc, D]
+            layout = RaggedLayout(masks.context_counts, self.attention)
+        for blk in self.vit.blocks:
+            x = blk(x, attn_mask=layout)
+        x = self.vit.norm(x)
+        return x[0] if masks is not None else x
+
+
+class FeatureConditioning(nn.Module):
+    """IWM's feature conditioning: [mask token + position, action] -> 3-layer MLP (a 1x1-conv network
+    per token) -> predictor width. Computed by ``kernels.feature_conditioning`` (fused on CUDA)."""
+
+    def __init__(self, width: int, action_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width + action_dim, width)
+        self.fc2 = nn.Linear(width, width)
+        self.fc3 = nn.Linear(width, width)
+
+    def forward(self, mask_token, pos_embed, target_pos, action, token_batch):
+        return feature_conditioning(mask_token, pos_embed, target_pos, action, token_batch,
+                                    self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                    self.fc3.weight, self.fc3.bias)
+
+
+class SequenceConditioning(nn.Module):
+    """IWM's sequence conditioning: one extra token per action parameter, a_k * w_k + b_k."""
+
+    def __init__(self, width: int, action_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(action_dim, width) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(action_dim, width))
+
+    def forward(self, action: torch.Tensor) -> torch.Tensor:  # [B, A] -> [B, A, W]
+        return action[:, :, None] * self.weight + self.bias
+
+
+class Predictor(nn.Module):
+    """A narrow ViT: context tokens (projected to the predictor width) plus one mask token per target
+    position, conditioned on the action; predicts the target encoder's features at the target positions.
+    """
+
+    def __init__(self, cfg: IWMConfig, encoder_dim: int, grid: tuple, action_dim: int):
+        super().__init__()
+        m = cfg.model
+        w = m.predictor_width
+        self.conditioning = m.conditioning
+        self.attention = m.attention
+        self.action_dim = action_dim
+        self.embed = nn.Linear(encoder_dim, w)
+        self.mask_token = nn.Parameter(torch.zeros(w))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.register_buffer("pos_embed", sincos_2d(w, *grid), persistent=False)  # [N, W]
+        if m.conditioning == "feature":
+            self.cond = FeatureConditioning(w, action_dim)
+        elif m.conditioning == "sequence":
+            self.cond = SequenceConditioning(w, action_dim)
+        else:
+            self.cond = None
+        dpr = [x.item() for x in torch.linspace(0, m.drop_path, m.predictor_depth)]
+        self.blocks = nn.ModuleList([
+            Block(w, m.predictor_heads, mlp_ratio=m.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+                  attn_layer=RaggedAttention) for i in range(m.predictor_depth)])
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, encoder_dim)
+        self.apply(_init_weights)
+
+    def mask_tokens(self, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
+        """[Tt, W]: one input token per target position of every sample."""
+        if self.conditioning == "feature":
+            return self.cond(self.mask_token, self.pos_embed, masks.target_idx, action.to(self.mask_token.dtype),
+                             masks.target_batch)
+        return self.mask_token + self.pos_embed[masks.target_idx]
+
+    def forward(self, context: torch.Tensor, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
+        """context: packed [Tc, Denc] encoder output; action: [B, A]. Returns packed [Tt, Denc]."""
+        B = masks.batch_size
+        ctx = self.embed(context) + self.pos_embed[masks.context_idx]  # [Tc, W]
+        tgt = self.mask_tokens(masks, action)  # [Tt, W]
+        parts, counts = [ctx, tgt], [masks.context_counts, masks.target_counts]
+        if self.conditioning == "sequence":
+            parts.append(self.cond(action.to(ctx.dtype)).reshape(B * self.action_dim, -1))
+            counts.append([self.action_dim] * B)
+        # interleave per sample: [ctx_b, tgt_b, (action_b)] for b = 0..B-1
+        seqlens = [sum(c[b] for c in counts) for b in range(B)]
+        order, target_rows = _interleave_order(counts, ctx.device)
+        x = torch.cat(parts, 0).index_select(0, order)[None]  # [1, T, W]
+        layout = RaggedLayout(seqlens, self.attention)
+        for blk in self.blocks:
+            x = blk(x, attn_mask=layout)
+        x = x[0].index_select(0, target_rows)  # [Tt, W]
+        return self.proj(self.norm(x))
+
+
+def _interleave_order(counts: List[List[int]], device):
+    """Given per-part per-sample counts [P][B], the permutation taking cat(parts) (part-major) to the
+    packed sample-major order [part0_b, part1_b, ...] for b = 0..B-1, and the packed rows of part 1."""
+    c = torch.tensor(counts)  # [P, B]
+    per_sample = c.sum(0)
+    seq_start = per_sample.cumsum(0) - per_sample  # [B]
+    part_off = c.cumsum(0) - c  # [P, B]: where part p starts inside sample b
+    dest = []
+    for p in range(c.shape[0]):
+        b = torch.repeat_interleave(torch.arange(c.shape[1]), c[p])
+        j = torch.arange(int(c[p].sum())) - (c[p].cumsum(0) - c[p])[b]
+        dest.append(seq_start[b] + part_off[p, b] + j)
+    order = torch.empty(int(c.sum()), dtype=torch.long)
+    order[torch.cat(dest)] = torch.arange(int(c.sum()))
+    return order.to(device), dest[1].to(device)
+
+
+def _init_weights(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class IWM(nn.Module):
+    """The trainable part (encoder + predictor) that DeepSpeed wraps. The target encoder is kept apart,
+    in fp32, with no gradient: see :class:`engine.ema.TargetEncoder`."""
+
+    def __init__(self, cfg: IWMConfig):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.predictor = Predictor(cfg, self.encoder.embed_dim, self.encoder.grid, cfg.views.action_dim)
+
+    def forward(self, source_view: torch.Tensor, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
+        context = self.encoder(source_view, masks)  # [Tc, D]
+        return self.predictor(context, masks, action)  # [Tt, D]
+
+
+def make_target_encoder(encoder: Encoder) -> Encoder:
+    target = copy.deepcopy(encoder).float()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
