@@ -87,6 +87,8 @@ class DataConfig:
     embedded_classes: int = 10
     embedded_per_class: int = 200
     embedded_native_size: int = 96  # generated resolution before the random resized crop
+    # evaluation transform: resize the shorter side to img_size / eval_crop_fraction, then center crop
+    eval_crop_fraction: float = 0.875
 
     def validate(self) -> None:
         if self.img_size <= 0:
