@@ -1,0 +1,20 @@
+"""Fused ops for the IWM engine: one file per op (PyTorch reference, Triton kernels, autograd.Function,
+public function); the backend is chosen in one place, :mod:`kernels.dispatch` (``IWM_KERNELS``).
+Nothing here imports ``engine/``.
+
+=====================================================  ==================================================
+``kernels.gather.gather_tokens(x, flat_idx)``           packed context / target token gather
+``kernels.l2_loss.masked_l2_loss(pred, target, idx)``   gather + fp32 layer norm of targets + squared L2
+                                                        + gradient, one pass
+``kernels.feature_conditioning.feature_conditioning``   action-conditioned mask tokens: per-position fc1
+                                                        + gather + GELU, fused backward
+``kernels.ema.ema_update_(target, online, m)``          target-encoder EMA; one launch over a FlatBuffer
+``kernels.attention``                                   ragged attention backends
+=====================================================  ==================================================
+
+Import the ops from their modules (``from kernels.l2_loss import masked_l2_loss``). They are not
+re-exported here on purpose: ``kernels.feature_conditioning`` must stay the module, not the function.
+"""
+from kernels.dispatch import get_backend, set_backend, triton_available, use_triton
+
+__all__ = ["get_backend", "set_backend", "triton_available", "use_triton"]
