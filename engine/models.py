@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from engine.config import IWMConfig
 from engine.masks import MaskBatch
 from kernels.attention import ragged_attention
+from kernels.ema import FlatBuffer
 from kernels.feature_conditioning import feature_conditioning
 from kernels.gather import gather_tokens
 
@@ -151,7 +152,7 @@ class Predictor(nn.Module):
             self.cond = SequenceConditioning(w, action_dim)
         else:
             self.cond = None
-        dpr = [x.item() for x in torch.linspace(0, m.drop_path, m.predictor_depth)]
+        dpr = [m.drop_path * i / max(1, m.predictor_depth - 1) for i in range(m.predictor_depth)]
         self.blocks = nn.ModuleList([
             Block(w, m.predictor_heads, mlp_ratio=m.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
                   attn_layer=RaggedAttention) for i in range(m.predictor_depth)])
@@ -227,8 +228,11 @@ class IWM(nn.Module):
         return self.predictor(context, masks, action)  # [Tt, D]
 
 
-def make_target_encoder(encoder: Encoder) -> Encoder:
-    target = copy.deepcopy(encoder).float()
+def make_target_encoder(encoder: Encoder, device=None) -> Encoder:
+    """An fp32, frozen copy of `encoder` on `device` whose parameters live in one flat buffer, so that
+    the EMA update is one kernel launch on CUDA (``kernels.ema``). Do not ``.to()`` it afterwards."""
+    target = copy.deepcopy(encoder).to(device=device, dtype=torch.float32)
     for p in target.parameters():
         p.requires_grad_(False)
+    target.flat_params = FlatBuffer.from_module(target)  # not a module attribute: plain Python object
     return target

@@ -147,3 +147,12 @@ def test_bad_sizes_are_clear_errors():
     cfg.model.conditioning = "film"
     with pytest.raises(ConfigError, match="model.conditioning"):
         cfg.validate()
+
+
+def test_target_encoder_params_tile_one_flat_buffer():
+    from kernels.ema import as_flat_view
+
+    tgt = make_target_encoder(Encoder(tiny_cfg()))
+    params = sorted(tgt.parameters(), key=lambda p: p.data_ptr())
+    assert as_flat_view(params) is not None
+    assert tgt.flat_params.is_intact()

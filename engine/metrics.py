@@ -1,0 +1,100 @@
+"""Run logs: a CSV row per logged step, TensorBoard scalars, and a loss / MRR plot (PNG)."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Dict, List, Optional
+
+
+class MetricLogger:
+    """Writes on the main rank only; other ranks get a logger that does nothing."""
+
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.csv_path = os.path.join(out_dir, "metrics.csv")
+        self.plot_path = os.path.join(out_dir, "curves.png")
+        self.rows: List[Dict[str, float]] = []
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(self.csv_path):  # a resumed run keeps its history
+            with open(self.csv_path, newline="") as f:
+                self.rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def drop_after(self, step: int) -> None:
+        """On resume: forget rows logged after the checkpoint's step."""
+        self.rows = [r for r in self.rows if r.get("step", 0) <= step]
+        self._rewrite()
+
+    def log(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        row = {"step": float(step), **{k: float(v) for k, v in values.items()}}
+        self.rows.append(row)
+        self._rewrite()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def _rewrite(self) -> None:
+        if not self.enabled:
+            return
+        keys: List[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow(r)
+        os.replace(tmp, self.csv_path)
+
+    def series(self, key: str):
+        pts = [(r["step"], r[key]) for r in self.rows if key in r and not math.isnan(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def plot(self, chance_mrr: Optional[float] = None) -> Optional[str]:
+        if not self.enabled or not self.rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax1.plot(*self.series("loss"), lw=1)
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("L2 loss")
+        ax1.set_yscale("log")
+        ax1.set_title("training loss")
+        steps, mrr = self.series("mrr")
+        ax2.plot(steps, mrr, "o-")
+        if chance_mrr is not None:
+            ax2.axhline(chance_mrr, ls="--", c="gray", label=f"chance {chance_mrr:.3f}")
+            ax2.legend()
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("MRR")
+        ax2.set_ylim(0, 1)
+        ax2.set_title("world-model MRR")
+        fig.tight_layout()
+        tmp = self.plot_path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+        return self.plot_path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,48 @@
+"""Config: overrides from the command line, validation messages that name the field and the fix."""
+import pytest
+
+from engine.config import ConfigError, IWMConfig
+
+
+def test_defaults_follow_the_paper():
+    cfg = IWMConfig().validate()
+    v = cfg.views
+    assert (v.jitter_p, v.brightness, v.contrast, v.saturation, v.hue) == (0.8, 0.4, 0.4, 0.2, 0.1)
+    assert (v.blur_p, v.grayscale_p) == (0.2, 0.2)
+    assert cfg.masks.num_blocks == 4 and cfg.masks.block_scale == (0.15, 0.2)
+    assert cfg.optim.ema == (0.996, 1.0) and cfg.optim.lr == 1e-3
+    assert cfg.eval.mrr_candidates == 256 and v.action_dim == 7
+
+
+def test_override_and_roundtrip():
+    cfg = IWMConfig()
+    cfg.override("optim.lr=5e-4")
+    cfg.override("model.conditioning=none")
+    cfg.override("masks.block_scale=[0.1, 0.2]")
+    assert cfg.optim.lr == 5e-4 and cfg.model.conditioning == "none" and cfg.masks.block_scale == (0.1, 0.2)
+    again = IWMConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize("assignment,needle", [
+    ("optim.lrr=1", "unknown field 'lrr'"),
+    ("optimizer.lr=1", "no config section 'optimizer'"),
+    ("optim.lr", "expected section.field=value"),
+])
+def test_bad_overrides(assignment, needle):
+    with pytest.raises(ConfigError, match=needle):
+        IWMConfig().override(assignment)
+
+
+@pytest.mark.parametrize("assignment,needle", [
+    ("views.blur_p=1.5", "probability"),
+    ("train.zero_stage=4", "ZeRO stages"),
+    ("model.encoder='vit_giant'", "unknown"),
+    ("model.predictor_width=100", "not divisible"),
+    ("masks.block_scale=(0.3, 0.2)", "min <= max"),
+])
+def test_bad_values_name_the_field(assignment, needle):
+    cfg = IWMConfig()
+    cfg.override(assignment)
+    with pytest.raises(ConfigError, match=needle):
+        cfg.validate()

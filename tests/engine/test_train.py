@@ -1,0 +1,171 @@
+"""Training end to end: a short run whose loss falls, resume, the eval CLI on its checkpoint, and
+DeepSpeed with two CPU ranks (gloo) under the real launcher."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.config import IWMConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = [
+    "data.img_size=32", "data.batch_size=16", "data.num_workers=0", "data.embedded_per_class=16",
+    "data.embedded_native_size=48",
+    "model.encoder='custom'", "model.embed_dim=48", "model.depth=2", "model.num_heads=4", "model.patch_size=8",
+    "model.predictor_depth=2", "model.predictor_width=32", "model.predictor_heads=4",
+    "optim.warmup_epochs=1", "optim.lr=2e-3", "optim.start_lr=2e-4", "optim.ema=(0.99, 1.0)",
+    "train.log_every=2", "train.ckpt_every=10", "train.progress=False",
+    "eval.mrr_images=2", "eval.mrr_candidates=16",
+]
+
+
+def tiny_config(out_dir, steps, extra=()):
+    cfg = IWMConfig(name="test")
+    for a in TINY + list(extra):
+        cfg.override(a)
+    cfg.train.out_dir = str(out_dir)
+    cfg.optim.max_steps = steps
+    return cfg.validate()
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return [r for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from engine.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    result = train(tiny_config(out, 40))
+    return out, result
+
+
+@pytest.mark.slow
+def test_short_run_loss_decreases(trained_run):
+    out, result = trained_run
+    losses = [float(r["loss"]) for r in read_metrics(out) if r.get("loss")]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
+    assert result.step == 40
+    for name in ("checkpoint.pt", "metrics.csv", "curves.png", "config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert os.path.isdir(os.path.join(out, "tensorboard"))
+    assert 0.0 < result.mrr <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
+    from engine.train import train
+
+    out, _ = trained_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    result = train(tiny_config(copy, 50))
+    assert result.step == 50
+    steps = [int(float(r["step"])) for r in read_metrics(copy) if r.get("loss")]
+    assert steps == list(range(2, 51, 2)), "metrics history must continue without gaps or repeats"
+    assert torch.load(copy / "checkpoint.pt", weights_only=False)["step"] == 50
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_model_is_refused(trained_run, tmp_path):
+    from engine.checkpoint import CheckpointError
+    from engine.train import train
+
+    out, _ = trained_run
+    copy = tmp_path / "other"
+    shutil.copytree(out, copy)
+    with pytest.raises(CheckpointError, match="different model config"):
+        train(tiny_config(copy, 60, ["model.predictor_depth=3"]))
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, "-m", "engine.eval", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_eval_cli_on_the_checkpoint(trained_run, tmp_path):
+    out, _ = trained_run
+    p = run_eval("mrr", "--ckpt", str(out), "--images", "2", "--candidates", "8", "--out", str(tmp_path / "m.json"))
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert 0 < res["mrr"] <= 1 and res["candidates"] == 8 and res["images"] == 2
+    assert "MRR" in p.stdout
+    p = run_eval("linear", "--ckpt", str(out / "checkpoint.pt"), "--epochs", "20", "--out", str(tmp_path / "l.json"))
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path / "l.json").read_text())
+    assert res["classes"] == 10 and 0 <= res["val_top1"] <= 100
+
+
+def write_folder(root, classes=2, per_class=3, bad=True):
+    from PIL import Image
+
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(d / f"{i}.png")
+    if bad:
+        (root / "class_0" / "corrupt.jpg").write_bytes(b"not an image at all")
+        (root / "class_1" / "notes.txt").write_text("hello")
+    return root
+
+
+@pytest.mark.slow
+def test_eval_cli_on_folders_and_bad_input(trained_run, tmp_path):
+    out, _ = trained_run
+    train_dir = write_folder(tmp_path / "train")
+    val_dir = write_folder(tmp_path / "val", bad=False)
+    p = run_eval("mrr", "--ckpt", str(out), "--data", str(train_dir), "--images", "3", "--candidates", "4",
+                 "--out", str(tmp_path / "m.json"))
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    p = run_eval("linear", "--ckpt", str(out), "--data", str(train_dir), "--val", str(val_dir), "--epochs", "5",
+                 "--out", str(tmp_path / "l.json"))
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "l.json").read_text())["classes"] == 2
+    # a wrong path, an empty folder, a wrong checkpoint: one clear line, exit 2, no traceback
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bogus.pt").write_bytes(b"garbage")
+    for args, needle in [(["mrr", "--ckpt", str(out), "--data", str(tmp_path / "missing")], "does not exist"),
+                         (["mrr", "--ckpt", str(out), "--data", str(tmp_path / "empty")], "no images"),
+                         (["mrr", "--ckpt", str(tmp_path / "nope.pt")], "does not exist"),
+                         (["mrr", "--ckpt", str(tmp_path / "bogus.pt")], "cannot read checkpoint")]:
+        p = run_eval(*args)
+        assert p.returncode == 2, (args, p.stdout, p.stderr)
+        assert needle in p.stderr.lower() and "Traceback" not in p.stderr, p.stderr
+
+
+def deepspeed_launch(out, stage, steps=6):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    sets = [a for t in TINY for a in ("--set", t)]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(29500 + stage * 7 + os.getpid() % 97), "recipes/pretrain_tiny.py", "--out", str(out),
+           "--steps", str(steps), "--set", f"train.zero_stage={stage}", "--set", "train.ckpt_every=3", *sets]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_two_cpu_ranks(tmp_path, stage):
+    p = deepspeed_launch(tmp_path / "ds", stage)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cfg = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert cfg["train"]["zero_stage"] == stage
+    ckpt = torch.load(tmp_path / "ds" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 6
+    # the DeepSpeed engine state was written for both ranks' optimizer partitions
+    tag_dir = tmp_path / "ds" / "ds" / "step_00000006"
+    files = os.listdir(tag_dir)
+    assert sum("optim_states" in f for f in files) == 2, files
+    assert "final loss" in p.stdout
+    rows = read_metrics(tmp_path / "ds")
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows if r.get("loss"))
