@@ -19,6 +19,7 @@ mask stands for, so the xformers path's logic is testable on CPU against the oth
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import List, Optional, Sequence
@@ -41,9 +42,25 @@ def set_attention_backend(name: Optional[str]) -> None:
 
 
 def xformers_available() -> bool:
+    """xformers imports (its attention-bias classes work on any device)."""
     try:
         import xformers.ops  # noqa: F401
-    except Exception:  # not installed, or built for another torch: fall back
+    except Exception:  # not installed, or broken
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_usable(device_index: int = 0) -> bool:
+    """xformers' CUDA kernels actually run here: a wheel built for another torch imports fine but has no
+    operators, so try one tiny call once per device and remember the answer."""
+    if not (torch.cuda.is_available() and xformers_available()):
+        return False
+    try:
+        q = torch.zeros(1, 2, 1, 8, device=f"cuda:{device_index}", dtype=torch.float16)
+        _ragged_attention_xformers(q[0], q[0], q[0], [1, 1])
+    except Exception as e:  # NotImplementedError "No operator found ..." and friends
+        log.warning("xformers is installed but its kernels do not run (%s): using SDPA", str(e).splitlines()[0])
         return False
     return True
 
@@ -53,10 +70,11 @@ def resolve_backend(device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"IWM_ATTENTION={name!r}: use one of {BACKENDS}")
     if name == "auto":
-        name = "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
-    elif name == "xformers" and (device.type != "cuda" or not xformers_available()):
-        raise RuntimeError("attention backend 'xformers' needs CUDA tensors and `pip install -e .[xformers]`; "
-                           "set model.attention=sdpa (or auto) to run without it")
+        name = "xformers" if device.type == "cuda" and xformers_usable(device.index or 0) else "sdpa"
+    elif name == "xformers" and (device.type != "cuda" or not xformers_usable(device.index or 0)):
+        raise RuntimeError("attention backend 'xformers' needs CUDA tensors and a working xformers "
+                           "(`pip install -e .[xformers]`, built for this torch); set model.attention=sdpa "
+                           "(or auto) to run without it")
     if name not in _announced:
         _announced.add(name)
         log.info("attention backend: %s", name)
