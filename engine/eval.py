@@ -158,7 +158,15 @@ def load_eval_images(cfg: IWMConfig, n: int, split: str = "val", device="cpu", p
     ds = eval_dataset(cfg, split, path)
     n = min(n, len(ds))
     picks = torch.linspace(0, len(ds) - 1, n).round().long().tolist()
-    return to_float_images(torch.stack([ds[i][0] for i in picks]), device)
+    images = to_float_images(torch.stack([ds[i][0] for i in picks]), device)
+    report_data(ds)
+    return images
+
+
+def report_data(ds) -> None:
+    """For an image folder: how many files were ignored, dropped or substituted (never silent)."""
+    if hasattr(ds, "summary"):
+        print(f"data: {ds.summary()}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,6 +221,8 @@ def run_linear(args) -> dict:
                for split, path in (("train", train_path), ("val", val_path))]
     tx, ty = extract_features(target, loaders[0], device, desc="train features")
     vx, vy = extract_features(target, loaders[1], device, desc="val features")
+    for loader in loaders:
+        report_data(loader.dataset)
     result = linear_probe(tx, ty, vx, vy, epochs=args.epochs or cfg.eval.probe_epochs, lr=cfg.eval.probe_lr)
     result.update(checkpoint=args.ckpt, step=ckpt.get("step"), data=args.data or "embedded",
                   val=args.val or "embedded")

@@ -86,7 +86,7 @@ class MetricLogger:
             ax2.legend()
         ax2.set_xlabel("step")
         ax2.set_ylabel("MRR")
-        ax2.set_ylim(0, 1)
+        ax2.set_ylim(0, max([0.1, *(1.25 * v for v in mrr)]))  # MRR is in (0, 1]; zoom on small values
         ax2.set_title("world-model MRR")
         fig.tight_layout()
         tmp = self.plot_path + ".tmp.png"

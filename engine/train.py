@@ -33,6 +33,7 @@ from kernels.dispatch import set_backend
 from kernels.l2_loss import masked_l2_loss
 
 log = logging.getLogger("iwm")
+VERIFY_UP_TO = 50_000  # folders up to this size are checked file by file before training
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -125,6 +126,11 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
 
     # ---- data --------------------------------------------------------------------------------------
     dataset = build_dataset(cfg.data, cfg.views, split="train")
+    if hasattr(dataset, "verify"):  # an image folder: drop unreadable files up front when that is cheap
+        if len(dataset) <= VERIFY_UP_TO:
+            dataset.verify()
+        if info.is_main:
+            log.info("data: %s", dataset.summary())
     loader = build_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, shuffle=True, drop_last=True,
                           seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(loader)

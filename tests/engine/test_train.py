@@ -132,6 +132,8 @@ def test_eval_cli_on_folders_and_bad_input(trained_run, tmp_path):
                  "--out", str(tmp_path / "l.json"))
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "l.json").read_text())["classes"] == 2
+    # the .txt file is ignored and the corrupt .jpg skipped, both counted in the report
+    assert "1 non-image files ignored" in p.stdout and "1 decode failures substituted" in p.stdout, p.stdout
     # a wrong path, an empty folder, a wrong checkpoint: one clear line, exit 2, no traceback
     (tmp_path / "empty").mkdir()
     (tmp_path / "bogus.pt").write_bytes(b"garbage")
