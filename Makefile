@@ -24,8 +24,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/kernels_table.py
+	$(BIN)/python benchmarks/kernels_table.py --out benchmarks/results/kernels.json
+	$(BIN)/python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable -q
 
 clean-venv:
 	rm -rf $(VENV)

@@ -37,8 +37,9 @@ class MaskBatch:
         return self.grid[0] * self.grid[1]
 
     def _batch_of(self, counts: List[int]) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(len(counts), device=self.context_idx.device),
-                                       torch.tensor(counts, device=self.context_idx.device))
+        device = self.context_idx.device  # output_size from the host counts: no device sync on CUDA
+        return torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                       torch.tensor(counts, device=device), output_size=sum(counts))
 
     @property
     def context_batch(self) -> torch.Tensor:  # [Tc] sample of each context token

@@ -37,6 +37,7 @@ def test_bad_overrides(assignment, needle):
 @pytest.mark.parametrize("assignment,needle", [
     ("views.blur_p=1.5", "probability"),
     ("train.zero_stage=4", "ZeRO stages"),
+    ("train.zero_stage=3", "not supported yet"),
     ("model.encoder='vit_giant'", "unknown"),
     ("model.predictor_width=100", "not divisible"),
     ("masks.block_scale=(0.3, 0.2)", "min <= max"),
