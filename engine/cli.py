@@ -56,7 +56,7 @@ def run_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"\nfinal loss {result.final_loss:.4f} (first {result.first_loss:.4f}) after {result.step} steps")
+        print(f"\nfinal loss {result.final_loss:.4f} (first logged {result.first_loss:.4f}) after {result.step} steps")
         print(f"final MRR {result.mrr:.4f} ({cfg.eval.mrr_candidates} candidates, chance "
               f"{chance_mrr(cfg.eval.mrr_candidates):.4f}, conditioning={cfg.model.conditioning})")
         print(f"checkpoint: {result.checkpoint}")

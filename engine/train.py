@@ -185,7 +185,7 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
 
     bar = tqdm(total=total, initial=step, disable=not (info.is_main and cfg.train.progress), dynamic_ncols=True,
                desc="pretrain")
-    first_loss = last_loss = float("nan")
+    first_loss = last_loss = float("nan")  # of the logged means; see the end
     mrr = float("nan")
     loss_acc, n_acc, t_last, imgs_last = 0.0, 0, time.time(), 0
     tokens_acc = [0, 0]  # context, target tokens of this rank since the last log
@@ -221,8 +221,6 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step}: lower optim.lr or check the data")
-            if math.isnan(first_loss):
-                first_loss = loss_value
             loss_acc += loss_value
             n_acc += 1
             imgs_last += images.shape[0] * info.world_size
@@ -266,8 +264,9 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
     save(step, mrr)
     plot = metrics.plot(chance_mrr=chance_mrr(cfg.eval.mrr_candidates)) if info.is_main else None
     metrics.close()
-    if math.isnan(last_loss) and metrics.rows:
-        last_loss = metrics.series("loss")[1][-1] if metrics.series("loss")[1] else last_loss
+    logged = metrics.series("loss")[1]  # the whole run's history, resumed parts included (main rank)
+    if logged:
+        first_loss, last_loss = logged[0], logged[-1]
     return TrainResult(step=step, final_loss=last_loss, first_loss=first_loss, mrr=mrr, out_dir=out_dir,
                        checkpoint=weights_path, metrics_csv=metrics.csv_path, plot=plot)
 
