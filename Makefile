@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 # kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/kernels_table.py --out benchmarks/results/kernels.json
+	$(BIN)/python benchmarks/attention_table.py --out benchmarks/results/attention.json
 	$(BIN)/python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable -q
 
 clean-venv:

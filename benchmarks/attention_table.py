@@ -1,0 +1,88 @@
+"""Ragged attention backends on the encoder's packed context tokens: time and peak memory, fwd+bwd.
+
+    python benchmarks/attention_table.py [--quick] [--out benchmarks/results/attention.json]
+
+Each sample keeps its own number of context tokens (the complement of 4 target blocks, drawn by
+``engine.masks.MaskSampler`` with the default config), packed into one sequence with per-sample lengths.
+(The predictor's sequences are context + all targets = every patch, so they are not ragged.) Backends
+(``kernels/attention.py``): ``xformers`` (block-diagonal mask over the packed sequence, CUDA only),
+``sdpa`` (padded to the longest sample with a key-padding mask), ``dense-bias`` (SDPA over the whole
+packed sequence with a materialised [T, T] block-diagonal bias: what a naive block-diagonal costs) and
+``reference`` (a per-sample loop). Shapes: ViT-B/16 (768 wide, 12 heads, 14x14 patches) and ViT-H/14
+(1280 wide, 16 heads, 16x16 patches), batch 128 on CUDA in bf16; on CPU a batch of 4 in fp32 (said in
+the output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import kernels_table as kt  # noqa: E402
+from kernels import attention as A  # noqa: E402
+
+SHAPES = {"ViT-B/16": dict(width=768, heads=12, grid=14), "ViT-H/14": dict(width=1280, heads=16, grid=16)}
+
+
+def seqlens(batch: int, grid: int, seed: int = 0):
+    from engine.config import MaskConfig
+    from engine.masks import MaskSampler
+
+    return MaskSampler(MaskConfig(), grid, grid).sample(batch, torch.Generator().manual_seed(seed)).context_counts
+
+
+def run(quick: bool, out, device: torch.device) -> dict:
+    batch = 128 if device.type == "cuda" else 4
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backends = ["sdpa", "dense-bias", "reference"] + (["xformers"] if A.xformers_usable() else [])
+    rows = []
+    if device.type != "cuda":
+        print(f"CPU: batch {batch} instead of 128, fp32; xformers needs CUDA and is skipped")
+    for recipe, s in SHAPES.items():
+        lens = seqlens(batch, s["grid"])
+        T, H, Dh = sum(lens), s["heads"], s["width"] // s["heads"]
+        qkv = [torch.randn(T, H, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        bias = None
+
+        def step(backend):
+            nonlocal bias
+            if backend == "dense-bias":
+                bias = A.block_diagonal_bias(lens, device=device, dtype=dtype)
+                out_ = A.attention_with_bias(*qkv, bias)
+            else:
+                out_ = A.ragged_attention(*qkv, lens, backend=backend)
+            out_.float().sum().backward()
+
+        for backend in backends:
+            fn = lambda b=backend: step(b)  # noqa: E731
+            ms = kt.time_fn(fn, device, reps=3 if quick else 10, warmup=1)
+            mib = kt.peak_mem(fn, device) / 2 ** 20
+            rows.append(dict(recipe=recipe, backend=backend, tokens=T, max_len=max(lens), ms=ms, peak_mib=mib))
+            print(f"{recipe:9s} {backend:11s} T={T:6d} max_len={max(lens):4d}  {ms:9.2f} ms  {mib:9.1f} MiB")
+    result = dict(device=str(device), batch=batch, dtype=str(dtype), rows=rows)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    run(args.quick, args.out, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+if __name__ == "__main__":
+    main()
