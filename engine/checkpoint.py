@@ -8,7 +8,8 @@ Layout of a run directory::
       ds/latest            the tag of the newest complete save (written by DeepSpeed after the save)
 
 ``checkpoint.pt`` is written to a temporary file and renamed, so a crash mid-write never leaves a
-truncated file; DeepSpeed updates ``latest`` only after a tag is fully written.
+truncated file; ``ds/latest`` is rewritten the same way, by rank 0, only after every rank has written its
+part of the new tag (DeepSpeed's own ``latest`` is switched off).
 """
 from __future__ import annotations
 
@@ -91,4 +92,21 @@ def latest_ds_tag(ds_dir: str) -> Optional[str]:
         return None
     with open(latest) as f:
         tag = f.read().strip()
-    return tag if os.path.isdir(os.path.join(ds_dir, tag)) else None
+    return tag if tag and os.path.isdir(os.path.join(ds_dir, tag)) else None
+
+
+def write_latest(ds_dir: str, tag: str) -> None:
+    """Point ``ds/latest`` at `tag` atomically; call once every rank has finished writing that tag."""
+    tmp = os.path.join(ds_dir, f"latest.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(tag)
+    os.replace(tmp, os.path.join(ds_dir, "latest"))
+
+
+def remove_checkpoints(out_dir: str) -> None:
+    """A fresh start in an old run directory: drop its DeepSpeed states and weights file, so that they
+    can neither be pruned in place of the new run's nor be mistaken for it."""
+    shutil.rmtree(os.path.join(out_dir, "ds"), ignore_errors=True)
+    weights = os.path.join(out_dir, "checkpoint.pt")
+    if os.path.isfile(weights):
+        os.remove(weights)

@@ -166,6 +166,8 @@ class ModelConfig:
 
     def validate(self, img_size: int) -> None:
         dim, _, heads = self.encoder_dims()
+        if self.patch_size <= 0:
+            raise ConfigError(f"model.patch_size={self.patch_size}: must be positive (14 or 16 for the paper's ViTs)")
         if dim % heads:
             raise ConfigError(f"encoder width {dim} is not divisible by its {heads} heads")
         if self.predictor_width % self.predictor_heads:
@@ -174,6 +176,13 @@ class ModelConfig:
         if img_size % self.patch_size:
             raise ConfigError(f"data.img_size={img_size} is not divisible by model.patch_size={self.patch_size}: "
                               f"pick an image size that is a multiple of the patch size")
+        if dim % 4 or self.predictor_width % 4:
+            raise ConfigError(f"encoder width {dim} and model.predictor_width={self.predictor_width} must be "
+                              f"multiples of 4 (2-D sin-cos positions)")
+        if self.drop_path:
+            raise ConfigError(f"model.drop_path={self.drop_path}: stochastic depth is not supported yet (the "
+                              f"batch is packed into one sequence, so timm's DropPath would drop every sample "
+                              f"at once); use 0")
         if self.conditioning not in CONDITIONING_MODES:
             raise ConfigError(f"model.conditioning={self.conditioning!r}: use one of {CONDITIONING_MODES}")
         if self.attention not in ("auto", "xformers", "sdpa", "reference"):
@@ -312,16 +321,33 @@ class IWMConfig:
                 raise ConfigError(f"--set {key}: no config section {p!r}; sections are {list(_SECTIONS)}")
             target = getattr(target, p)
         leaf = parts[-1]
-        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            names = [f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target) else []
-            raise ConfigError(f"--set {key}: unknown field {leaf!r}; known: {names}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare string such as a path or a name
-        if isinstance(value, list):
-            value = tuple(value)
-        setattr(target, leaf, value)
+        fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+        if leaf not in fields:
+            raise ConfigError(f"--set {key}: unknown field {leaf!r}; known: {list(fields)}")
+        setattr(target, leaf, _parse_value(key, raw.strip(), str(fields[leaf].type)))
+
+
+def _parse_value(key: str, raw: str, kind: str):
+    """Parse an override to its field's declared type (the annotation, as written in this file)."""
+    if kind in ("str", "Optional[str]"):
+        return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--set {key}={raw}: not a valid {kind}") from None
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "Optional[int]": value is None or (isinstance(value, int) and not isinstance(value, bool)),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+    }
+    if kind.startswith("Tuple"):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+            raise ConfigError(f"--set {key}={raw}: expected a pair of numbers, e.g. {key}=[0.3, 1.0]")
+        return tuple(float(v) for v in value)
+    if kind in ok and not ok[kind]:
+        raise ConfigError(f"--set {key}={raw}: expected {kind}")
+    return float(value) if kind == "float" else value
 
 
 _SECTIONS = {"data": DataConfig, "views": ViewConfig, "masks": MaskConfig, "model": ModelConfig,

@@ -387,6 +387,28 @@ def build_dataset(data_cfg: DataConfig, view_cfg: ViewConfig, split: str = "trai
     return ImageFolderDataset(source, transform=transform)
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start its next epoch a number of batches in, so a run resumed in
+    the middle of an epoch sees the rest of that epoch's order rather than its start again."""
+
+    def __init__(self, *args, batch_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_size = batch_size
+        self._skip = 0
+
+    def skip_batches(self, n: int) -> None:
+        """Leave out the first `n` batches of the next epoch only."""
+        self._skip = n * self.batch_size
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self._skip:]
+        self._skip = 0
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return super().__len__() - self._skip
+
+
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker (base_seed + worker_id); give numpy and random the same stream
     seed = torch.initial_seed() % 2**32
@@ -398,7 +420,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
                  seed: int, rank: int = 0, world_size: int = 1, pin_memory: Optional[bool] = None) -> DataLoader:
     """A DataLoader over this rank's shard.
 
-    Always a :class:`DistributedSampler` (also for world_size=1), seeded with ``seed``: call
+    Always a :class:`ResumableSampler` (a DistributedSampler, also for world_size=1), seeded with ``seed``: call
     ``loader.sampler.set_epoch(epoch)`` each epoch for a new, reproducible shuffle. Ranks get disjoint
     index sets (padded by repetition to equal length unless drop_last). Worker RNGs (the random crops)
     derive from ``seed`` and ``rank``; with num_workers=0 the crops use the main process's torch RNG.
@@ -408,8 +430,8 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
         raise DataError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}: must be positive")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                               drop_last=drop_last, batch_size=batch_size)
     if drop_last and len(sampler) < batch_size:
         raise DataError(f"{len(dataset)} images give {len(sampler)} per rank over {world_size} ranks, fewer than "
                         f"one batch of {batch_size} with drop_last: lower data.batch_size or use more data")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,10 +33,19 @@ from engine.views import action_from_params, apply_view, sample_source_params, s
 # ----------------------------------------------------------------------------------------------------
 def reciprocal_ranks(dist: torch.Tensor) -> torch.Tensor:
     """dist [K, K]: distance of prediction j to candidate k; the true candidate of j is k = j.
-    Returns 1/rank [K], rank = 1 + number of candidates strictly closer than the true one."""
+    Returns 1/rank [K] with rank = 1 + (candidates strictly closer) + half of (other candidates at the
+    same distance): ties get the mid-rank, so a candidate that merely equals the truth earns no credit."""
     true = dist.diagonal()[:, None]
-    rank = 1 + (dist < true).sum(1)
+    ties = (dist == true).sum(1) - 1
+    rank = 1 + (dist < true).sum(1) + 0.5 * ties
     return 1.0 / rank.double()
+
+
+def latent_reciprocal_ranks(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """preds, targets [K, F]: prediction j is meant to match target j; squared distances in fp64."""
+    p, t = preds.double(), targets.double()
+    dist = p.pow(2).sum(1, keepdim=True) + t.pow(2).sum(1)[None] - 2 * p @ t.T  # [K, K]
+    return reciprocal_ranks(dist)
 
 
 def repeat_masks(m: MaskBatch, times: int) -> MaskBatch:
@@ -51,7 +61,8 @@ def repeat_masks(m: MaskBatch, times: int) -> MaskBatch:
 def mean_reciprocal_rank(model: IWM, target_encoder: Encoder, images: torch.Tensor, cfg: IWMConfig,
                          generator: Optional[torch.Generator] = None, chunk: int = 64) -> float:
     """For each image I (already cropped, [M, 3, H, W] in [0, 1]): one source view x with its mask and
-    K = cfg.eval.mrr_candidates target views y_k of I. The predictor maps (x, a_{x->y_j}) to p_j; the true
+    K = cfg.eval.mrr_candidates target views y_k of I, each with the colour jitter applied (so no two
+    candidates are the same unjittered image). The predictor maps (x, a_{x->y_j}) to p_j; the true
     target latent t_j is ranked among all K candidate latents t_k by mean squared distance over the
     masked positions. MRR = mean of 1/rank over j and images (1: perfect world model; a random ranking
     gives ``chance_mrr(K)``)."""
@@ -60,11 +71,12 @@ def mean_reciprocal_rank(model: IWM, target_encoder: Encoder, images: torch.Tens
     sampler = MaskSampler(cfg.masks, *model.encoder.grid)
     mask_gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator,
                                                                device=generator.device if generator else "cpu")))
+    candidate_views = dataclasses.replace(cfg.views, jitter_p=1.0)
     rrs = []
     for img in images:
         img = img[None]
         sp = sample_source_params(cfg.views, 1, generator, device)
-        tp = sample_target_params(cfg.views, K, generator, device)
+        tp = sample_target_params(candidate_views, K, generator, device)
         source = apply_view(img, sp, cfg.views)
         action = action_from_params(sp.repeat_interleave(K), tp)  # [K, A]
         m1 = sampler.sample(1, mask_gen).to(device)
@@ -78,9 +90,7 @@ def mean_reciprocal_rank(model: IWM, target_encoder: Encoder, images: torch.Tens
             feats = target_encoder(y).float()
             feats = F.layer_norm(feats, feats.shape[-1:])
             targets.append(feats[:, m1.target_idx].reshape(n, -1))
-        p, t = torch.cat(preds), torch.cat(targets)  # [K, Tt*D]
-        dist = (p.pow(2).sum(1, keepdim=True) + t.pow(2).sum(1)[None] - 2 * p @ t.T)  # [K, K]
-        rrs.append(reciprocal_ranks(dist))
+        rrs.append(latent_reciprocal_ranks(torch.cat(preds), torch.cat(targets)))  # [K, Tt*D] each
     return torch.cat(rrs).mean().item()
 
 
@@ -208,7 +218,7 @@ def run_mrr(args) -> dict:
 
 
 def run_linear(args) -> dict:
-    from engine.data import build_loader
+    from engine.data import DataError, build_loader
 
     device = torch.device(args.device)
     cfg, _, target, ckpt = load_model(args.ckpt, device)
@@ -216,9 +226,17 @@ def run_linear(args) -> dict:
         raise SystemExit("error: pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
     train_path = None if args.data in (None, "embedded") else args.data
     val_path = None if args.val in (None, "embedded") else args.val
-    loaders = [build_loader(eval_dataset(cfg, split, path), args.batch_size, args.workers, shuffle=False,
-                            drop_last=False, seed=0)
-               for split, path in (("train", train_path), ("val", val_path))]
+    datasets = [eval_dataset(cfg, split, path) for split, path in (("train", train_path), ("val", val_path))]
+    classes = [getattr(d, "classes", None) for d in datasets]
+    if classes[0] != classes[1]:
+        raise DataError(f"train and val folders have different classes ({len(classes[0])} vs {len(classes[1])}; "
+                        f"e.g. {sorted(set(classes[0]) ^ set(classes[1]))[:3]}): labels would not line up; "
+                        f"give both the same class subfolders")
+    if classes[0] is not None and len(classes[0]) < 2:
+        raise DataError(f"{args.data}: a linear probe needs at least 2 classes (class subfolders); found "
+                        f"{len(classes[0])}")
+    loaders = [build_loader(d, args.batch_size, args.workers, shuffle=False, drop_last=False, seed=0)
+               for d in datasets]
     tx, ty = extract_features(target, loaders[0], device, desc="train features")
     vx, vy = extract_features(target, loaders[1], device, desc="val features")
     for loader in loaders:
@@ -233,6 +251,13 @@ def run_linear(args) -> dict:
     return result
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,8 +265,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("mrr", help="world-model mean reciprocal rank")
     p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
     p.add_argument("--data", default=None, help="image folder (class subfolders or flat); default: embedded")
-    p.add_argument("--images", type=int, default=16, help="images to average over")
-    p.add_argument("--candidates", type=int, default=None, help="candidates per image (default: config, 256)")
+    p.add_argument("--images", type=_positive, default=16, help="images to average over")
+    p.add_argument("--candidates", type=_positive, default=None, help="candidates per image (default: config, 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: mrr.json beside the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -250,8 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", default=None, help="train folder with class subfolders; default: embedded")
     p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: linear.json beside the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

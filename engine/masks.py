@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from engine.config import MaskConfig
+from engine.config import ConfigError, MaskConfig
 
 
 @dataclass
@@ -85,7 +85,7 @@ class MaskSampler:
         cfg.validate()
         self.cfg, self.h, self.w = cfg, grid_h, grid_w
         if grid_h * grid_w - 1 < cfg.min_context:
-            raise ValueError(f"a {grid_h}x{grid_w} patch grid cannot leave masks.min_context={cfg.min_context} "
+            raise ConfigError(f"a {grid_h}x{grid_w} patch grid cannot leave masks.min_context={cfg.min_context} "
                              f"context patches: use a larger image or a smaller patch")
 
     def block_sizes(self, n: int, g: torch.Generator):
@@ -122,7 +122,8 @@ class MaskSampler:
                 break
             target[bad] = self._draw(int(bad.sum()), g)
         else:
-            raise RuntimeError("could not draw masks leaving masks.min_context patches: lower masks.block_scale")
+            raise ConfigError("could not draw masks leaving masks.min_context patches: lower masks.block_scale "
+                              "or masks.num_blocks")
         t_idx, t_cu, t_counts = _pack(target)
         c_idx, c_cu, c_counts = _pack(~target)
         return MaskBatch((self.h, self.w), c_idx, t_idx, c_cu, t_cu, c_counts, t_counts)

@@ -216,7 +216,7 @@ def _init_weights(m: nn.Module):
 
 class IWM(nn.Module):
     """The trainable part (encoder + predictor) that DeepSpeed wraps. The target encoder is kept apart,
-    in fp32, with no gradient: see :class:`engine.ema.TargetEncoder`."""
+    in fp32, with no gradient: see :func:`make_target_encoder`."""
 
     def __init__(self, cfg: IWMConfig):
         super().__init__()
@@ -235,4 +235,4 @@ def make_target_encoder(encoder: Encoder, device=None) -> Encoder:
     for p in target.parameters():
         p.requires_grad_(False)
     target.flat_params = FlatBuffer.from_module(target)  # not a module attribute: plain Python object
-    return target
+    return target.eval()  # never in training mode: no dropout / drop-path in the targets

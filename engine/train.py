@@ -87,10 +87,12 @@ def _setup_logging(is_main: bool) -> None:
 
 
 def _check_resume_config(saved: dict, cfg: IWMConfig, out_dir: str) -> None:
-    """Refuse to resume a run whose network differs from the checkpoint's (the weights would not fit)."""
-    now = json.loads(json.dumps(cfg.to_dict()["model"]))  # tuples -> lists, as saved
-    then = saved.get("model", {})
-    diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    """Refuse to resume a run whose network differs from the checkpoint's (the weights would not fit):
+    the model section, and the image size (it sets the patch grid and the position embeddings)."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    keys = [("model", k) for k in now["model"]] + [("data", "img_size")]
+    diff = {f"{sec}.{k}": (saved.get(sec, {}).get(k), now[sec][k]) for sec, k in keys
+            if saved.get(sec, {}).get(k) != now[sec][k]}
     if diff:
         raise ckpt_lib.CheckpointError(
             f"{out_dir} holds a run with a different model config {diff} (saved, now): resume with the same "
@@ -107,7 +109,7 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
     device = info.device
     # 'auto' leaves the choice to the IWM_KERNELS / IWM_ATTENTION environment (default: by device)
     set_backend(None if cfg.train.kernels == "auto" else cfg.train.kernels)
-    torch.manual_seed(cfg.train.seed + info.rank)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (the target encoder too)
 
     out_dir = cfg.train.out_dir
     ds_dir = os.path.join(out_dir, "ds")
@@ -119,6 +121,8 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
             _check_resume_config(json.load(f), cfg, out_dir)
     barrier()
     if info.is_main:
+        if not resuming:  # a fresh start: the old run's checkpoints must not survive beside the new run
+            ckpt_lib.remove_checkpoints(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         with open(config_path + ".tmp", "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
@@ -133,12 +137,12 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
             log.info("data: %s", dataset.summary())
     loader = build_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, shuffle=True, drop_last=True,
                           seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the data set has {len(dataset)} images, fewer than one batch of "
-                         f"data.batch_size={cfg.data.batch_size} x {info.world_size} ranks: lower data.batch_size")
+    steps_per_epoch = len(loader)  # build_loader refuses data with less than one batch per rank
     total = cfg.optim.max_steps or max(1, round(cfg.optim.epochs * steps_per_epoch))
     warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    # every rank loads the held-out MRR images before DeepSpeed starts, so a bad folder stops all ranks
+    eval_images = _eval_images(cfg, device)
 
     # ---- model, target encoder, engine ---------------------------------------------------------------
     model = IWM(cfg)
@@ -150,11 +154,16 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
                                            config=deepspeed_config(cfg, info.world_size))
     autocast = autocast_context(cfg, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _check_same_across_ranks(target_encoder, device)
 
     metrics = MetricLogger(out_dir, enabled=info.is_main)
     step = 0
     if resuming:
         path, client = engine.load_checkpoint(ds_dir, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None or client is None:
+            raise ckpt_lib.CheckpointError(
+                f"{ds_dir}: the checkpoint named by 'latest' is incomplete or unreadable; pass --fresh (or "
+                f"train.resume=False) to start over, or point ds/latest at an older complete tag")
         target_encoder.load_state_dict(client["target_encoder"])
         step = int(client["step"])
         metrics.drop_after(step)
@@ -162,9 +171,10 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
     else:
         metrics.drop_after(-1)  # a fresh start in an old run directory: forget its history
 
+    # per-rank random streams, re-seeded from the step on resume (crops with num_workers=0 use the global one)
+    torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank * 7_919 + step)
     mask_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + info.rank + step)
     view_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 104729 + info.rank + step)
-    eval_images = _eval_images(cfg, device) if info.is_main else None
 
     if info.is_main:
         log.info("IWM: encoder %s/%d (%s), predictor %dx%d, conditioning=%s | %.2fM trainable params | "
@@ -175,8 +185,11 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
 
     def save(step_now: int, mrr_value: float = float("nan")):
         client = {"step": step_now, "config": cfg.to_dict(), "target_encoder": target_encoder.state_dict()}
-        engine.save_checkpoint(ds_dir, tag=ckpt_lib.ds_tag(step_now), client_state=client)
+        tag = ckpt_lib.ds_tag(step_now)
+        engine.save_checkpoint(ds_dir, tag=tag, client_state=client, save_latest=False)
+        barrier()  # every rank's shards are on disk: only now may 'latest' name this tag
         if info.is_main:
+            ckpt_lib.write_latest(ds_dir, tag)
             ckpt_lib.save_weights(weights_path, config=cfg.to_dict(), step=step_now, encoder=model.encoder,
                                   predictor=model.predictor, target_encoder=target_encoder,
                                   metrics={"mrr": mrr_value})
@@ -191,10 +204,10 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
     tokens_acc = [0, 0]  # context, target tokens of this rank since the last log
     peak = device_peak_flops(device)
     epoch = step // steps_per_epoch
+    loader.sampler.skip_batches(step % steps_per_epoch)  # resume inside an epoch where it stopped
     engine.train()
     while step < total:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         for images, _ in loader:
             if step >= total:
                 break
@@ -212,15 +225,16 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
             with autocast():
                 pred = engine(source_view, masks, action)  # [Tt, D]
             loss = masked_l2_loss(pred, target_feats, masks.flat_target())  # fp32 inside
+            loss_value = loss.item()
+            # every rank stops together (before the update) if any rank's loss is not finite
+            if all_reduce_mean(float(math.isfinite(loss_value)), device) < 1.0:
+                raise FloatingPointError(f"loss is not finite at step {step + 1} (this rank: {loss_value}): "
+                                         f"lower optim.lr, raise optim.warmup_epochs, or check the data")
             engine.backward(loss)
             engine.step()
             step += 1
             momentum = ema_momentum_at(step, total, *cfg.optim.ema)
             update_target(target_encoder, engine.module.encoder, momentum)
-
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}: lower optim.lr or check the data")
             loss_acc += loss_value
             n_acc += 1
             imgs_last += images.shape[0] * info.world_size
@@ -238,11 +252,11 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
                 extra = {"mfu": 100 * tflops * 1e12 / peak} if peak else {}
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}",
                                 **({"mfu": f"{extra['mfu']:.1f}%"} if extra else {}))
-                grad_norm = engine.get_global_grad_norm()
+                grad_norm = engine.get_global_grad_norm()  # None / nan under ZeRO-0 fp32 (not tracked)
+                if grad_norm is not None and math.isfinite(float(grad_norm)):
+                    extra["grad_norm"] = float(grad_norm)
                 metrics.log(step, loss=mean_loss, lr=lr, weight_decay=wd, ema=momentum, img_per_s=img_s,
-                            tflops_per_device=tflops, **extra,
-                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                            epoch=step / steps_per_epoch)
+                            tflops_per_device=tflops, **extra, epoch=step / steps_per_epoch)
                 loss_acc, n_acc, t_last, imgs_last = 0.0, 0, time.time(), 0
                 tokens_acc = [0, 0]
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
@@ -252,7 +266,6 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
                     metrics.plot(chance_mrr=chance_mrr(cfg.eval.mrr_candidates))
                     bar.set_postfix(loss=f"{last_loss:.4f}", mrr=f"{mrr:.3f}")
                 barrier()
-                engine.train()
             if step % cfg.train.ckpt_every == 0 and step < total:
                 save(step, mrr)
         epoch += 1
@@ -269,6 +282,21 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
         first_loss, last_loss = logged[0], logged[-1]
     return TrainResult(step=step, final_loss=last_loss, first_loss=first_loss, mrr=mrr, out_dir=out_dir,
                        checkpoint=weights_path, metrics_csv=metrics.csv_path, plot=plot)
+
+
+def _check_same_across_ranks(module: torch.nn.Module, device) -> None:
+    """Every rank must start from the same target encoder (it is not a DeepSpeed-managed module)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        s = torch.stack([p.double().sum() for p in module.parameters()]).sum().reshape(1).to(device)
+    lo, hi = s.clone(), s.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError("the target encoder differs between ranks: build the model under the same seed")
 
 
 def chance_mrr(candidates: int) -> float:

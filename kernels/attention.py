@@ -65,8 +65,9 @@ def xformers_usable(device_index: int = 0) -> bool:
     return True
 
 
-def resolve_backend(device: torch.device) -> str:
-    name = _override or os.environ.get("IWM_ATTENTION", "auto")
+def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
+    """The backend to run on `device`: `requested` (a config value), else the override / IWM_ATTENTION."""
+    name = requested if requested not in (None, "auto") else (_override or os.environ.get("IWM_ATTENTION", "auto"))
     if name not in BACKENDS:
         raise ValueError(f"IWM_ATTENTION={name!r}: use one of {BACKENDS}")
     if name == "auto":
@@ -82,12 +83,18 @@ def resolve_backend(device: torch.device) -> str:
 
 
 def _token_positions(seqlens: Sequence[int], device) -> tuple:
-    """For every packed token: its sample b and its position j within the sample."""
-    lens = torch.tensor(list(seqlens), device=device)
-    b = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    j = torch.arange(int(lens.sum()), device=device) - starts[b]
-    return b, j
+    """For every packed token: its sample b and its position j within the sample (cached: every layer
+    of a forward pass asks for the same lengths)."""
+    return _token_positions_cached(tuple(int(n) for n in seqlens), str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=8)
+def _token_positions_cached(seqlens: tuple, device: str) -> tuple:
+    total = sum(seqlens)
+    lens = torch.tensor(seqlens)
+    b = torch.repeat_interleave(torch.arange(len(seqlens)), lens, output_size=total)
+    j = torch.arange(total) - (torch.cumsum(lens, 0) - lens)[b]
+    return b.to(device), j.to(device)
 
 
 def ragged_attention_reference(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
@@ -121,10 +128,16 @@ def _ragged_attention_sdpa(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
 
 def _ragged_attention_xformers(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
     import xformers.ops as xops
+
+    bias = _block_diagonal_mask(tuple(int(n) for n in seqlens))
+    return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _block_diagonal_mask(seqlens: tuple):
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
-    bias = BlockDiagonalMask.from_seqlens(list(seqlens))
-    return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    return BlockDiagonalMask.from_seqlens(list(seqlens))
 
 
 def block_diagonal_bias(seqlens: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -157,7 +170,7 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     sum(seqlens) == T. Returns [T, H, Dh]."""
     if sum(seqlens) != q.shape[0]:
         raise ValueError(f"seqlens sum to {sum(seqlens)} but the packed batch has {q.shape[0]} tokens")
-    name = resolve_backend(q.device) if backend in (None, "auto") else backend
+    name = resolve_backend(q.device, backend)
     if name == "xformers":
         return _ragged_attention_xformers(q, k, v, seqlens)
     if name == "sdpa":

@@ -171,3 +171,39 @@ def test_deepspeed_two_cpu_ranks(tmp_path, stage):
     assert "final loss" in p.stdout
     rows = read_metrics(tmp_path / "ds")
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows if r.get("loss"))
+
+
+@pytest.mark.slow
+def test_resume_restores_weights_and_target_encoder(trained_run, tmp_path):
+    """Resuming at the step it stopped (nothing left to train) must reproduce the saved weights exactly:
+    the online networks from DeepSpeed's state, the target encoder from the client state."""
+    from engine.train import train
+
+    out, _ = trained_run
+    before = torch.load(out / "checkpoint.pt", weights_only=False)
+    copy = tmp_path / "same"
+    shutil.copytree(out, copy)
+    (copy / "checkpoint.pt").unlink()  # must be rebuilt from ds/, not copied through
+    result = train(tiny_config(copy, 40))
+    after = torch.load(copy / "checkpoint.pt", weights_only=False)
+    assert result.step == 40
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert before[part].keys() == after[part].keys()
+        for k in before[part]:
+            assert torch.equal(before[part][k], after[part][k]), (part, k)
+
+
+@pytest.mark.slow
+def test_fresh_start_replaces_the_old_run(trained_run, tmp_path):
+    from engine.checkpoint import latest_ds_tag
+    from engine.train import train
+
+    out, _ = trained_run
+    copy = tmp_path / "fresh"
+    shutil.copytree(out, copy)
+    cfg = tiny_config(copy, 4)
+    cfg.train.resume = False
+    train(cfg)
+    assert latest_ds_tag(str(copy / "ds")) == "step_00000004"
+    assert sorted(d for d in os.listdir(copy / "ds") if d.startswith("step_")) == ["step_00000004"]
+    assert torch.load(copy / "checkpoint.pt", weights_only=False)["step"] == 4
