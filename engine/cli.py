@@ -31,8 +31,8 @@ def apply_args(cfg: IWMConfig, args: argparse.Namespace) -> IWMConfig:
         cfg.data.dataset = args.data
     if args.out:
         cfg.train.out_dir = args.out
-    if args.steps:
-        cfg.optim.max_steps = args.steps
+    if args.steps is not None:
+        cfg.optim.max_steps = args.steps  # validate() refuses 0 or less
     if args.fresh:
         cfg.train.resume = False
     for assignment in args.set:
