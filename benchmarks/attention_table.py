@@ -15,7 +15,6 @@ the output).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -67,11 +66,7 @@ def run(quick: bool, out, device: torch.device) -> dict:
             rows.append(dict(recipe=recipe, backend=backend, tokens=T, max_len=max(lens), ms=ms, peak_mib=mib))
             print(f"{recipe:9s} {backend:11s} T={T:6d} max_len={max(lens):4d}  {ms:9.2f} ms  {mib:9.1f} MiB")
     result = dict(device=str(device), batch=batch, dtype=str(dtype), rows=rows)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {out}")
+    kt.save_json(result, out)
     return result
 
 

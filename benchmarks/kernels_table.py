@@ -437,12 +437,18 @@ def run(quick: bool, out: Optional[str], device: torch.device, ops: Optional[Lis
                   reduced_batch_on_cpu=None if cuda else batch_of["ViT-B/16"],
                   ema_blocks_on_cpu=None if cuda else ema_depth["ViT-B/16"], rows=rows,
                   bytes_moved_vith14=tab)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nsaved {out}")
+    save_json(result, out)
     return result
+
+
+def save_json(result: dict, out: Optional[str]) -> None:
+    """Write a benchmark's result as JSON (shared by the benchmark scripts)."""
+    if not out:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nsaved {out}")
 
 
 def main(argv=None):
