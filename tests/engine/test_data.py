@@ -285,3 +285,18 @@ def test_embedded_loader_batches_and_float_conversion():
     x = to_float_images(images, "cpu")
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert torch.equal(x, images.float() / 255)
+
+
+def test_resumable_sampler_skips_the_batches_already_seen():
+    from engine.data import build_loader
+
+    ds = list(range(40))
+    loader = build_loader(ds, batch_size=4, num_workers=0, shuffle=True, drop_last=True, seed=3)
+    loader.sampler.set_epoch(2)
+    full = [b.tolist() for b in loader]
+    loader.sampler.set_epoch(2)
+    loader.sampler.skip_batches(3)
+    resumed = [b.tolist() for b in loader]
+    assert resumed == full[3:]  # the rest of the same epoch, in the same order
+    loader.sampler.set_epoch(2)
+    assert [b.tolist() for b in loader] == full  # the skip applies to one epoch only
