@@ -33,6 +33,17 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_json(path: str, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
 def save_weights(path: str, *, config: dict, step: int, encoder, predictor, target_encoder,
                  metrics: Optional[dict] = None) -> None:
     atomic_save({

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -22,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.checkpoint import atomic_write_json
 from engine.config import IWMConfig
-from engine.masks import MaskBatch, MaskSampler
+from engine.masks import MaskSampler
 from engine.models import IWM, Encoder
 from engine.views import action_from_params, apply_view, sample_source_params, sample_target_params
 
@@ -46,15 +46,6 @@ def latent_reciprocal_ranks(preds: torch.Tensor, targets: torch.Tensor) -> torch
     p, t = preds.double(), targets.double()
     dist = p.pow(2).sum(1, keepdim=True) + t.pow(2).sum(1)[None] - 2 * p @ t.T  # [K, K]
     return reciprocal_ranks(dist)
-
-
-def repeat_masks(m: MaskBatch, times: int) -> MaskBatch:
-    """The same single-sample mask for `times` samples."""
-    assert m.batch_size == 1
-    nc, nt = m.context_counts[0], m.target_counts[0]
-    cu = lambda n: torch.arange(times + 1, device=m.context_idx.device) * n  # noqa: E731
-    return MaskBatch(m.grid, m.context_idx.repeat(times), m.target_idx.repeat(times), cu(nc), cu(nt),
-                     [nc] * times, [nt] * times)
 
 
 @torch.no_grad()
@@ -84,7 +75,7 @@ def mean_reciprocal_rank(model: IWM, target_encoder: Encoder, images: torch.Tens
         preds, targets = [], []
         for s in range(0, K, chunk):
             n = min(chunk, K - s)
-            mk = repeat_masks(m1, n)
+            mk = m1.repeat(n)
             preds.append(model.predictor(context.repeat(n, 1), mk, action[s:s + n]).float().view(n, -1))
             y = apply_view(img.expand(n, -1, -1, -1), tp.index(slice(s, s + n)), cfg.views)
             feats = target_encoder(y).float()
@@ -182,14 +173,6 @@ def report_data(ds) -> None:
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
-def _write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _default_out(ckpt: str, name: str) -> str:
     base = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
     return os.path.join(base, name)
@@ -211,7 +194,7 @@ def run_mrr(args) -> dict:
               "images": len(images), "data": args.data or "embedded", "checkpoint": args.ckpt,
               "step": ckpt.get("step"), "conditioning": cfg.model.conditioning}
     out = args.out or _default_out(args.ckpt, "mrr.json")
-    _write_json(out, result)
+    atomic_write_json(out, result)
     print(f"MRR {mrr:.4f} over {len(images)} images x {cfg.eval.mrr_candidates} candidates "
           f"(chance {result['chance']:.4f}); wrote {out}")
     return result
@@ -245,7 +228,7 @@ def run_linear(args) -> dict:
     result.update(checkpoint=args.ckpt, step=ckpt.get("step"), data=args.data or "embedded",
                   val=args.val or "embedded")
     out = args.out or _default_out(args.ckpt, "linear.json")
-    _write_json(out, result)
+    atomic_write_json(out, result)
     print(f"linear probe top-1 {result['val_top1']:.2f}% on {result['val_images']} val images "
           f"({result['classes']} classes; train {result['train_top1']:.2f}%); wrote {out}")
     return result

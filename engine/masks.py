@@ -61,6 +61,15 @@ class MaskBatch:
         return MaskBatch(self.grid, mv(self.context_idx), mv(self.target_idx), mv(self.context_cu),
                          mv(self.target_cu), self.context_counts, self.target_counts)
 
+    def repeat(self, times: int) -> "MaskBatch":
+        """This single-sample mask for `times` samples (the MRR's candidates share one mask)."""
+        if self.batch_size != 1:
+            raise ValueError(f"repeat() takes a single-sample MaskBatch, got {self.batch_size} samples")
+        nc, nt = self.context_counts[0], self.target_counts[0]
+        cu = lambda n: torch.arange(times + 1, device=self.context_idx.device) * n  # noqa: E731
+        return MaskBatch(self.grid, self.context_idx.repeat(times), self.target_idx.repeat(times), cu(nc),
+                         cu(nt), [nc] * times, [nt] * times)
+
     def target_mask(self) -> torch.Tensor:
         """Dense [B, N] bool: True at target positions (for tests and plots)."""
         m = torch.zeros(self.batch_size, self.num_patches, dtype=torch.bool, device=self.target_idx.device)

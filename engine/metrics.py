@@ -16,6 +16,7 @@ class MetricLogger:
         self.csv_path = os.path.join(out_dir, "metrics.csv")
         self.plot_path = os.path.join(out_dir, "curves.png")
         self.rows: List[Dict[str, float]] = []
+        self._header: List[str] = []  # the columns of the CSV file on disk
         self.tb = None
         if not enabled:
             return
@@ -41,7 +42,11 @@ class MetricLogger:
             return
         row = {"step": float(step), **{k: float(v) for k, v in values.items()}}
         self.rows.append(row)
-        self._rewrite()
+        if self._header and set(row) <= set(self._header):
+            with open(self.csv_path, "a", newline="") as f:  # the common case: one appended line
+                csv.DictWriter(f, fieldnames=self._header).writerow(row)
+        else:
+            self._rewrite()  # a new column (e.g. the first MRR): rewrite once with the wider header
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -53,6 +58,7 @@ class MetricLogger:
         keys: List[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
+        self._header = keys
         tmp = self.csv_path + ".tmp"
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)

@@ -123,10 +123,7 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
     if info.is_main:
         if not resuming:  # a fresh start: the old run's checkpoints must not survive beside the new run
             ckpt_lib.remove_checkpoints(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(config_path + ".tmp", "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        os.replace(config_path + ".tmp", config_path)
+        ckpt_lib.atomic_write_json(config_path, cfg.to_dict())
 
     # ---- data --------------------------------------------------------------------------------------
     dataset = build_dataset(cfg.data, cfg.views, split="train")
