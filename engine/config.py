@@ -151,8 +151,8 @@ class ModelConfig:
     predictor_width: int = 384
     predictor_heads: int = 12
     conditioning: str = "feature"  # feature | sequence | none (= I-JEPA)
-    # attention backend: auto | xformers | sdpa | reference (see kernels/attention.py)
-    attention: str = "auto"
+    # eps of the layer norm applied to the target encoder's features (the regression targets)
+    target_norm_eps: float = 1e-6
 
     def encoder_dims(self) -> Tuple[int, int, int]:
         if self.encoder == "custom":
@@ -185,8 +185,8 @@ class ModelConfig:
                               f"at once); use 0")
         if self.conditioning not in CONDITIONING_MODES:
             raise ConfigError(f"model.conditioning={self.conditioning!r}: use one of {CONDITIONING_MODES}")
-        if self.attention not in ("auto", "xformers", "sdpa", "reference"):
-            raise ConfigError(f"model.attention={self.attention!r}: use auto, xformers, sdpa or reference")
+        if not self.target_norm_eps > 0:
+            raise ConfigError(f"model.target_norm_eps={self.target_norm_eps}: must be positive (e.g. 1e-6)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,7 +204,10 @@ class OptimConfig:
     final_weight_decay: float = 0.4
     betas: Tuple[float, float] = (0.9, 0.999)
     ema: Tuple[float, float] = (0.996, 1.0)
-    clip_grad: float = 1.0  # 0 disables
+    clip_grad: float = 0.0  # gradient-norm clipping; 0 disables (I-JEPA does not clip)
+    # images per optimizer step over all ranks; None = ranks x data.batch_size. When larger, gradients
+    # are accumulated over global_batch / (ranks x batch_size) micro-batches (must divide exactly).
+    global_batch: Optional[int] = None
 
     def validate(self) -> None:
         if self.epochs <= 0 and not self.max_steps:
@@ -229,7 +232,10 @@ class TrainConfig:
     seed: int = 0
     zero_stage: int = 1
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    kernels: str = "auto"  # auto | triton | reference (see kernels/dispatch.py)
+    # backends, both read in kernels/dispatch.py (env IWM_KERNELS / IWM_ATTENTION when 'auto'):
+    kernels: str = "auto"  # fused ops: auto (Triton on CUDA, reference on CPU) | triton | reference
+    attention: str = "auto"  # ragged attention: auto (xformers on CUDA, else sdpa) | xformers | sdpa | reference
+    activation_checkpointing: bool = False  # recompute encoder / predictor blocks in the backward pass
     log_every: int = 10
     eval_every: int = 0  # MRR every N steps (0: only at the end)
     ckpt_every: int = 500
@@ -248,6 +254,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r}: use auto, bf16 or fp32")
         if self.kernels not in ("auto", "triton", "reference"):
             raise ConfigError(f"train.kernels={self.kernels!r}: use auto, triton or reference")
+        if self.attention not in ("auto", "xformers", "sdpa", "reference"):
+            raise ConfigError(f"train.attention={self.attention!r}: use auto, xformers, sdpa or reference")
         for name in ("log_every", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
@@ -331,6 +339,8 @@ def _parse_value(key: str, raw: str, kind: str):
     """Parse an override to its field's declared type (the annotation, as written in this file)."""
     if kind in ("str", "Optional[str]"):
         return raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    if kind == "bool" and raw.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        return raw.lower() in ("true", "yes", "on", "1")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -29,7 +29,6 @@ from kernels.gather import gather_tokens
 class RaggedLayout:
     """Per-sample lengths of a packed token sequence (host ints: attention kernels need them there)."""
     seqlens: List[int]
-    backend: str = "auto"
 
 
 class RaggedAttention(TimmAttention):
@@ -43,7 +42,7 @@ class RaggedAttention(TimmAttention):
         qkv = self.qkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # [T, H, Dh]
         q, k = self.q_norm(q), self.k_norm(k)
-        out = ragged_attention(q, k, v, attn_mask.seqlens, backend=attn_mask.backend)
+        out = ragged_attention(q, k, v, attn_mask.seqlens)
         out = self.norm(out.reshape(1, T, self.attn_dim))
         return self.proj_drop(self.proj(out))
 
@@ -82,7 +81,6 @@ class Encoder(nn.Module):
         gh, gw = self.vit.patch_embed.grid_size
         self.grid = (gh, gw)
         self.embed_dim = dim
-        self.attention = m.attention
         self.vit.pos_embed.data.copy_(sincos_2d(dim, gh, gw)[None])
         self.vit.pos_embed.requires_grad_(False)
 
@@ -95,7 +93,7 @@ class Encoder(nn.Module):
         layout = None
         if masks is not None:
             x = gather_tokens(x, masks.flat_context())[None]  # [1, Tc, D]
-            layout = RaggedLayout(masks.context_counts, self.attention)
+            layout = RaggedLayout(masks.context_counts)
         for blk in self.vit.blocks:
             x = blk(x, attn_mask=layout)
         x = self.vit.norm(x)
@@ -140,7 +138,6 @@ class Predictor(nn.Module):
         m = cfg.model
         w = m.predictor_width
         self.conditioning = m.conditioning
-        self.attention = m.attention
         self.action_dim = action_dim
         self.embed = nn.Linear(encoder_dim, w)
         self.mask_token = nn.Parameter(torch.zeros(w))
@@ -180,7 +177,7 @@ class Predictor(nn.Module):
         seqlens = [sum(c[b] for c in counts) for b in range(B)]
         order, target_rows = _interleave_order(counts, ctx.device)
         x = torch.cat(parts, 0).index_select(0, order)[None]  # [1, T, W]
-        layout = RaggedLayout(seqlens, self.attention)
+        layout = RaggedLayout(seqlens)
         for blk in self.blocks:
             x = blk(x, attn_mask=layout)
         x = x[0].index_select(0, target_rows)  # [Tt, W]

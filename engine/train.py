@@ -29,7 +29,7 @@ from engine.metrics import MetricLogger
 from engine.models import IWM, make_target_encoder
 from engine.schedules import ema_momentum_at, lr_at, weight_decay_at
 from engine.views import make_views
-from kernels.dispatch import set_backend
+from kernels import dispatch
 from kernels.l2_loss import masked_l2_loss
 
 log = logging.getLogger("iwm")
@@ -108,7 +108,7 @@ def train(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> TrainResult:
     _setup_logging(info.is_main)
     device = info.device
     # 'auto' leaves the choice to the IWM_KERNELS / IWM_ATTENTION environment (default: by device)
-    set_backend(None if cfg.train.kernels == "auto" else cfg.train.kernels)
+    dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (the target encoder too)
 
     out_dir = cfg.train.out_dir

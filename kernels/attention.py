@@ -4,8 +4,8 @@ Each sample of a batch has its own number of tokens (context tokens for the enco
 (+ action) tokens for the predictor). They are packed into one sequence of T tokens with offsets
 ``cu_seqlens`` [B+1]; a token attends only to tokens of its own sample. No token is dropped.
 
-Backends (``IWM_ATTENTION`` env var or ``set_attention_backend``; the engine sets it from
-``model.attention``):
+Backends (chosen in ``kernels/dispatch.py``: ``IWM_ATTENTION`` or ``dispatch.configure(attention=...)``,
+which the engine calls with ``train.attention``):
 
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` on the packed sequence with a
   ``BlockDiagonalMask`` built from the per-sample lengths: no padding is computed (CUDA only).
@@ -29,16 +29,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "xformers", "sdpa", "reference")
-_override: Optional[str] = None
+from kernels.dispatch import ATTENTION_BACKENDS as BACKENDS
+from kernels.dispatch import get_attention_backend
+
 _announced = set()
-
-
-def set_attention_backend(name: Optional[str]) -> None:
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r}: use one of {BACKENDS}")
-    global _override
-    _override = name
 
 
 def xformers_available() -> bool:
@@ -66,10 +60,10 @@ def xformers_usable(device_index: int = 0) -> bool:
 
 
 def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
-    """The backend to run on `device`: `requested` (a config value), else the override / IWM_ATTENTION."""
-    name = requested if requested not in (None, "auto") else (_override or os.environ.get("IWM_ATTENTION", "auto"))
+    """The backend to run on `device`: `requested` if given, else ``dispatch.get_attention_backend()``."""
+    name = requested if requested not in (None, "auto") else get_attention_backend()
     if name not in BACKENDS:
-        raise ValueError(f"IWM_ATTENTION={name!r}: use one of {BACKENDS}")
+        raise ValueError(f"attention backend {name!r}: use one of {BACKENDS}")
     if name == "auto":
         name = "xformers" if device.type == "cuda" and xformers_usable(device.index or 0) else "sdpa"
     elif name == "xformers" and (device.type != "cuda" or not xformers_usable(device.index or 0)):

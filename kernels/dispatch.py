@@ -1,12 +1,14 @@
-"""The kernel backend choice, in one place.
+"""The backend choices, in one place: fused ops (``IWM_KERNELS``) and ragged attention (``IWM_ATTENTION``).
 
 Every fused op in ``kernels/`` asks :func:`use_triton` whether to run its Triton kernel or its plain
-PyTorch reference. The choice is one setting, like timm's ``TIMM_FUSED_ATTN``:
+PyTorch reference; ``kernels.attention`` asks :func:`get_attention_backend` which attention to run.
+Each choice is one setting, like timm's ``TIMM_FUSED_ATTN``, resolved the same way:
 
-* ``set_backend(name)`` (an in-process override, e.g. from ``TrainConfig.kernels``), else
-* the environment variable ``IWM_KERNELS``, else ``"auto"``.
+* an in-process override: :func:`configure` (the engine calls it with ``train.kernels`` and
+  ``train.attention``; ``None`` or ``"auto"`` leaves the choice to the environment), else
+* the environment variable (``IWM_KERNELS`` / ``IWM_ATTENTION``), else ``"auto"``.
 
-Values:
+Fused-op values:
 
 ``auto``       Triton when every tensor is on CUDA and ``triton`` imports; the reference otherwise
                (so CPU runs, the tiny demo and the fast test tier use plain PyTorch).
@@ -14,6 +16,9 @@ Values:
                interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is first imported), which is
                how ``tests/kernels`` checks the kernels on a machine without a GPU.
 ``reference``  always the plain PyTorch reference (debugging, bisecting a numerical difference).
+
+Attention values: ``auto`` (xformers on CUDA when its kernels run, else sdpa), ``xformers``, ``sdpa``,
+``reference`` (see ``kernels/attention.py``).
 """
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ import torch
 
 ENV_VAR = "IWM_KERNELS"
 BACKENDS = ("auto", "triton", "reference")
+ATTENTION_ENV_VAR = "IWM_ATTENTION"
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "reference")
 
 _override: Optional[str] = None
+_attention_override: Optional[str] = None
 
 
 def _check(name: str, source: str) -> str:
@@ -53,21 +61,50 @@ def get_backend() -> str:
     return _check(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
-class backend:
-    """Context manager: ``with backend('reference'): ...`` sets the override and restores it."""
+def _check_attention(name: str, source: str) -> str:
+    value = str(name).strip().lower()
+    if value not in ATTENTION_BACKENDS:
+        raise ValueError(f"{source}={name!r} is not an attention backend: use one of {', '.join(ATTENTION_BACKENDS)}")
+    return value
 
-    def __init__(self, name: Optional[str]):
-        self.name = name
+
+def set_attention_backend(name: Optional[str]) -> None:
+    """Override the attention backend for this process (``None`` falls back to ``IWM_ATTENTION``)."""
+    global _attention_override
+    _attention_override = None if name is None else _check_attention(name, "set_attention_backend")
+
+
+def get_attention_backend() -> str:
+    """The attention backend asked for (before 'auto' is resolved against the device)."""
+    if _attention_override is not None:
+        return _attention_override
+    return _check_attention(os.environ.get(ATTENTION_ENV_VAR, "auto"), ATTENTION_ENV_VAR)
+
+
+def configure(kernels: Optional[str] = None, attention: Optional[str] = None) -> None:
+    """The engine's one call: set both overrides from the config (``None`` / ``'auto'``: use the environment)."""
+    set_backend(None if kernels in (None, "auto") else kernels)
+    set_attention_backend(None if attention in (None, "auto") else attention)
+
+
+class backend:
+    """Context manager: ``with backend('reference', attention='sdpa'): ...`` sets the overrides given
+    (``None`` leaves that one as it is) and restores both on exit."""
+
+    def __init__(self, name: Optional[str] = None, attention: Optional[str] = None):
+        self.name, self.attention = name, attention
 
     def __enter__(self):
-        global _override
-        self._saved = _override
-        set_backend(self.name)
+        self._saved = (_override, _attention_override)
+        if self.name is not None:
+            set_backend(self.name)
+        if self.attention is not None:
+            set_attention_backend(self.attention)
         return self
 
     def __exit__(self, *exc):
-        global _override
-        _override = self._saved
+        global _override, _attention_override
+        _override, _attention_override = self._saved
         return False
 
 

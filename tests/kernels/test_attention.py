@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kernels import attention as A
+from kernels import dispatch
 
 
 def plain_attention(q, k, v, seqlens):
@@ -75,22 +76,22 @@ def test_xformers_mask_materialised_equals_ours_and_gives_same_attention():
 
 
 def test_auto_falls_back_to_sdpa_on_cpu():
-    A.set_attention_backend(None)
+    dispatch.set_attention_backend(None)
     assert A.resolve_backend(torch.device("cpu")) == "sdpa"
 
 
 def test_forcing_xformers_without_cuda_is_a_clear_error():
-    A.set_attention_backend("xformers")
+    dispatch.set_attention_backend("xformers")
     try:
         with pytest.raises(RuntimeError, match="needs CUDA"):
             A.resolve_backend(torch.device("cpu"))
     finally:
-        A.set_attention_backend(None)
+        dispatch.set_attention_backend(None)
 
 
 def test_bad_backend_and_bad_lengths():
     with pytest.raises(ValueError, match="use one of"):
-        A.set_attention_backend("flash")
+        dispatch.set_attention_backend("flash")
     q, k, v = ragged([3, 3])
     with pytest.raises(ValueError, match="seqlens sum"):
         A.ragged_attention(q, k, v, [3, 2], backend="sdpa")
