@@ -1,49 +1,88 @@
-"""Checkpoints: DeepSpeed's sharded engine state for resuming, plus one consolidated weights file.
+"""Checkpoints and the run directory: safe, atomic, never deleted before a run can start.
 
 Layout of a run directory::
 
     out_dir/
-      checkpoint.pt        encoder, predictor, target encoder, config, step: what eval / finetune load
-      ds/<tag>/            DeepSpeed engine state (model + ZeRO-partitioned optimizer), one per save
-      ds/latest            the tag of the newest complete save (written by DeepSpeed after the save)
+      .lock                one run per folder: an fcntl lock held by the running job (its PID inside)
+      config.json          the run's full config (written once the run has proved it can start)
+      checkpoint.pt        encoder, predictor, target encoder, config, step: what eval / finetuning load
+      ds/<tag>/            DeepSpeed engine state (model + ZeRO-partitioned optimizer), one per save,
+                           rng_rank_<r>.pt (every random stream of rank r) and manifest.json (written last)
+      ds/latest            the newest complete tag (for people and DeepSpeed tools; resume trusts manifests)
+      previous/<time>/     an older run moved aside by a fresh start (--fresh): nothing is ever deleted
 
-``checkpoint.pt`` is written to a temporary file and renamed, so a crash mid-write never leaves a
-truncated file; ``ds/latest`` is rewritten the same way, by rank 0, only after every rank has written its
-part of the new tag (DeepSpeed's own ``latest`` is switched off).
+Guarantees: every file is written to a temporary name and renamed, so a kill -9 never leaves a truncated
+file under a real name; a tag counts only once its manifest (file names and sizes, written after every rank
+finished) matches what is on disk, so resume takes the newest complete tag and falls back past a partial
+or truncated one; nothing read from disk can run code (``torch.load(weights_only=True)`` everywhere,
+DeepSpeed's resume included, through :class:`SafeCheckpointEngine`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import glob
+import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 FORMAT = "iwm-checkpoint-v1"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or not an IWM checkpoint; the message says what to pass."""
+    """A checkpoint or run directory cannot be used as given; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic writes and safe reads
+# ----------------------------------------------------------------------------------------------------
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: readers never see half a file. A full disk becomes a
+    CheckpointError naming the folder (the temporary file is removed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"disk full while writing {path}: free space in {folder} (df -h {folder}) or "
+                                  f"point --out at another disk; the previous complete checkpoint is intact") from None
+        raise
+    except Exception:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(path: str, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+    atomic_write(path, write)
 
 
+def safe_load(path: str, map_location="cpu") -> Any:
+    """torch.load that cannot execute code (tensors, containers and plain values only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The weights file (checkpoint.pt)
+# ----------------------------------------------------------------------------------------------------
 def save_weights(path: str, *, config: dict, step: int, encoder, predictor, target_encoder,
                  metrics: Optional[dict] = None) -> None:
     atomic_save({
@@ -53,7 +92,7 @@ def save_weights(path: str, *, config: dict, step: int, encoder, predictor, targ
         "encoder": encoder.state_dict(),
         "predictor": predictor.state_dict(),
         "target_encoder": target_encoder.state_dict(),
-        "metrics": metrics or {},
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }, path)
 
 
@@ -74,50 +113,250 @@ def resolve_checkpoint(path: str) -> str:
 def load_weights(path: str, map_location="cpu") -> Dict[str, Any]:
     path = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); "
-                              f"it is not a torch file or it is corrupt") from None
+        ckpt = safe_load(path, map_location)
+    except Exception as e:  # truncated, not a torch file, or a pickle that wants to run code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {first[:200]}); it is not "
+                              f"an IWM checkpoint, it is corrupt, or it holds code (never loaded)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an IWM checkpoint (no '{FORMAT}' marker): pass the "
                               f"checkpoint.pt written by recipes/pretrain_*.py")
     return ckpt
 
 
-def prune_ds_tags(ds_dir: str, keep: int) -> None:
-    """Delete all but the newest `keep` DeepSpeed tags (step_XXXXXXXX, sorted by step)."""
-    if keep <= 0 or not os.path.isdir(ds_dir):
-        return
-    tags = sorted(d for d in os.listdir(ds_dir) if d.startswith("step_") and os.path.isdir(os.path.join(ds_dir, d)))
-    for tag in tags[:-keep]:
-        shutil.rmtree(os.path.join(ds_dir, tag), ignore_errors=True)
+# ----------------------------------------------------------------------------------------------------
+# DeepSpeed's resume state, loaded without unpickling code
+# ----------------------------------------------------------------------------------------------------
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed's ZeRO checkpoints hold (allow-listed, nothing else)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def SafeCheckpointEngine():
+    """DeepSpeed's torch checkpoint engine with ``torch.load(weights_only=True)`` and an allow-list."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class _Safe(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return _Safe()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random streams (exact resume)
+# ----------------------------------------------------------------------------------------------------
+def global_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run directory
+# ----------------------------------------------------------------------------------------------------
 def ds_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def latest_ds_tag(ds_dir: str) -> Optional[str]:
-    latest = os.path.join(ds_dir, "latest")
-    if not os.path.isfile(latest):
+def _all_ok(ok: bool) -> bool:
+    """Every rank's ``ok`` and-ed together (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.item() == 0.0
+
+
+class RunDir:
+    """One run directory: its lock, its checkpoints, its config."""
+
+    MOVABLE = ("ds", "checkpoint.pt", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
+               "linear.json")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.ds_dir = os.path.join(path, "ds")
+        self.weights = os.path.join(path, "checkpoint.pt")
+        self.config_path = os.path.join(path, "config.json")
+
+    # ---- one run per folder --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, enabled: bool = True):
+        """Hold ``.lock`` (rank 0) for the run; a second run into the folder stops at once, naming the holder.
+        Stale temporary files of a killed run are removed once the lock is held."""
+        fd, err = None, None
+        if enabled:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._remove_stale_temporaries()
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                fd = None
+                err = (f"{self.path} is in use by another run (PID {holder}): wait for it to finish, stop it, or "
+                       f"pass another --out")
+        if not _all_ok(err is None):
+            raise CheckpointError(err or f"{self.path} is in use by another run (see rank 0's message)")
+        try:
+            yield self
+        finally:
+            if fd is not None:
+                os.close(fd)  # the OS also releases it if the process dies
+
+    def _remove_stale_temporaries(self) -> None:
+        for pattern in ("*.tmp.*", "ds/*.tmp.*", "ds/*/*.tmp.*"):
+            for p in glob.glob(os.path.join(self.path, pattern)):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+    # ---- which checkpoint to resume ------------------------------------------------------------------
+    def tags(self) -> List[str]:
+        if not os.path.isdir(self.ds_dir):
+            return []
+        return sorted(d for d in os.listdir(self.ds_dir)
+                      if d.startswith("step_") and os.path.isdir(os.path.join(self.ds_dir, d)))
+
+    def check_tag(self, tag: str) -> Optional[str]:
+        """None if ``tag`` is complete (its manifest matches the files on disk), else what is wrong."""
+        folder = os.path.join(self.ds_dir, tag)
+        try:
+            with open(os.path.join(folder, MANIFEST)) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            return "it has no manifest (the save did not finish)"
+        for name, size in manifest.get("files", {}).items():
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != size:
+                return f"{name} has {os.path.getsize(path)} bytes, the manifest says {size} (truncated)"
         return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    return tag if tag and os.path.isdir(os.path.join(ds_dir, tag)) else None
 
+    def resume_tag(self) -> Tuple[Optional[str], Optional[str]]:
+        """(newest complete tag or None, a note on any newer tag that was skipped and why)."""
+        notes = []
+        for tag in reversed(self.tags()):
+            problem = self.check_tag(tag)
+            if problem is None:
+                note = None
+                if notes:
+                    note = f"{'; '.join(notes)}: resuming from the older complete checkpoint {tag}"
+                return tag, note
+            notes.append(f"checkpoint {tag} in {self.ds_dir} is incomplete ({problem})")
+        return None, ("; ".join(notes) + ": starting from step 0 (nothing deleted)") if notes else None
 
-def write_latest(ds_dir: str, tag: str) -> None:
-    """Point ``ds/latest`` at `tag` atomically; call once every rank has finished writing that tag."""
-    tmp = os.path.join(ds_dir, f"latest.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(tag)
-    os.replace(tmp, os.path.join(ds_dir, "latest"))
+    def latest_complete_step(self) -> Optional[int]:
+        tag, _ = self.resume_tag()
+        return int(tag.split("_")[1]) if tag else None
 
+    def saved_config(self) -> Optional[dict]:
+        try:
+            with open(self.config_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
-def remove_checkpoints(out_dir: str) -> None:
-    """A fresh start in an old run directory: drop its DeepSpeed states and weights file, so that they
-    can neither be pruned in place of the new run's nor be mistaken for it."""
-    shutil.rmtree(os.path.join(out_dir, "ds"), ignore_errors=True)
-    weights = os.path.join(out_dir, "checkpoint.pt")
-    if os.path.isfile(weights):
-        os.remove(weights)
+    # ---- save / load -----------------------------------------------------------------------------------
+    def save(self, engine, step: int, *, client: dict, rng: dict, info, keep: int, export: Callable) -> None:
+        """Every rank writes its part of tag ``step``; then rank 0 writes the manifest, ``latest``, the weights
+        file, and prunes old tags. A failure on any rank (disk full) leaves the previous tags untouched."""
+        from engine.distributed import barrier
+
+        tag = ds_tag(step)
+        folder = os.path.join(self.ds_dir, tag)
+        error = None
+        try:
+            engine.save_checkpoint(self.ds_dir, tag=tag, client_state={"step": step, "client": client},
+                                   save_latest=False)
+            atomic_save(rng, os.path.join(folder, f"rng_rank_{info.rank:05d}.pt"))
+        except (OSError, RuntimeError, CheckpointError) as e:
+            error = e
+        if _all_ok(error is None) and info.is_main:
+            try:
+                files = {n: os.path.getsize(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+                         if n != MANIFEST and ".tmp." not in n}
+                atomic_write_json(os.path.join(folder, MANIFEST),
+                                  {"step": step, "world_size": info.world_size, "files": files})
+                atomic_write(os.path.join(self.ds_dir, "latest"), lambda tmp: open(tmp, "w").write(tag))
+                export(self.weights)
+                self.prune(keep)
+            except (OSError, CheckpointError) as e:
+                error = e
+        ok = _all_ok(error is None)
+        barrier()
+        if not ok:
+            if info.is_main and self.check_tag(tag) is not None:
+                shutil.rmtree(folder, ignore_errors=True)  # a partial tag of this failed save only
+            if isinstance(error, CheckpointError):
+                raise error
+            need = sum(os.path.getsize(p) for p in glob.glob(os.path.join(self.ds_dir, "*", "*")))
+            raise CheckpointError(f"writing checkpoint {tag} to {self.ds_dir} failed ({error or 'on another rank'}); "
+                                  f"a checkpoint needs about {need / max(1, len(self.tags())) / 2**20:.0f} MiB: free "
+                                  f"space there or pass another --out; the previous complete checkpoint is intact")
+
+    def load(self, engine, tag: str, info) -> dict:
+        """Load tag into the DeepSpeed engine; returns {step, client, rng} for this rank."""
+        folder = os.path.join(self.ds_dir, tag)
+        with open(os.path.join(folder, MANIFEST)) as f:
+            saved_ranks = json.load(f).get("world_size")
+        if saved_ranks != info.world_size:
+            raise CheckpointError(
+                f"{folder} was saved by {saved_ranks} ranks, this run has {info.world_size}: the ZeRO-partitioned "
+                f"optimizer state only loads on the same number of ranks. Resume with {saved_ranks} ranks "
+                f"(deepspeed --num_gpus {saved_ranks} ...), or start a new run (--out NEW) from the weights")
+        try:
+            path, client = engine.load_checkpoint(self.ds_dir, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            rng = safe_load(os.path.join(folder, f"rng_rank_{info.rank:05d}.pt"))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"cannot load checkpoint {folder} ({type(e).__name__}: {first}); it is corrupt "
+                                  f"or holds code (never unpickled): move it out of {self.ds_dir} to resume from "
+                                  f"the previous one, or pass --fresh") from None
+        if path is None or client is None:
+            raise CheckpointError(f"{folder} could not be loaded by DeepSpeed: move it aside or pass --fresh")
+        return {"step": int(client["step"]), "client": client["client"], "rng": rng}
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest `keep` complete tags (never the only complete one)."""
+        complete = [t for t in self.tags() if self.check_tag(t) is None]
+        for tag in complete[:-max(1, keep)]:
+            shutil.rmtree(os.path.join(self.ds_dir, tag), ignore_errors=True)
+
+    # ---- a fresh start -----------------------------------------------------------------------------------
+    def move_aside(self) -> Optional[str]:
+        """Move an older run's files into ``previous/<time>/`` (a fresh start deletes nothing)."""
+        present = [n for n in self.MOVABLE if os.path.exists(os.path.join(self.path, n))]
+        if not present:
+            return None
+        dest = os.path.join(self.path, "previous", time.strftime("%Y%m%d-%H%M%S"))
+        while os.path.exists(dest):
+            dest += "_"
+        os.makedirs(dest)
+        for n in present:
+            os.replace(os.path.join(self.path, n), os.path.join(dest, n))
+        return dest
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.config_path, config)

@@ -1,5 +1,10 @@
-"""What every recipe shares: argument parsing (DeepSpeed launcher flags included), config overrides,
-clear errors for bad input, and the closing summary."""
+"""The command line, in one place: the flags every recipe shares, the eval commands, and the one handler
+that turns bad input into one line and exit code 2.
+
+    python recipes/pretrain_tiny.py [--data DIR] [--out DIR] [--steps N] [--fresh] [--set SECTION.FIELD=VALUE]
+    python -m engine.eval mrr    --ckpt RUN [--data DIR] [--images N] [--candidates K]
+    python -m engine.eval linear --ckpt RUN [--data TRAIN_DIR --val VAL_DIR]
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +12,32 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+import torch
+
+from engine.checkpoint import CheckpointError, atomic_write_json
 from engine.config import ConfigError, IWMConfig
+from engine.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
+def exit_code_of(fn: Callable[[], object]) -> int:
+    """Run ``fn``; bad input (config, data, checkpoint, divergence) -> one line on stderr and exit code 2."""
+    from engine.run import TrainingDiverged
+
+    try:
+        fn()
+    except (*USER_ERRORS, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------------
 def recipe_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the DeepSpeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None,
@@ -20,7 +46,9 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (optim.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set model.conditioning=none (repeatable)")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run directory")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: an existing run in the directory is moved to previous/<time>/ once the new "
+                        "run has started")
     return p
 
 
@@ -43,25 +71,134 @@ def apply_args(cfg: IWMConfig, args: argparse.Namespace) -> IWMConfig:
 def run_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[List[str]] = None,
                after: Optional[Callable] = None) -> int:
     """Build the recipe's config, apply command-line overrides, pretrain, print where everything is."""
-    from engine.checkpoint import CheckpointError
-    from engine.data import DataError
+    from engine.eval import chance_mrr
+    from engine.train import train
 
     args = recipe_parser(description).parse_args(argv)
-    try:
-        cfg = apply_args(build(), args)
-        from engine.train import chance_mrr, train
+    done = {}
 
-        result = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"\nfinal loss {result.final_loss:.4f} (first logged {result.first_loss:.4f}) after {result.step} steps")
-        print(f"final MRR {result.mrr:.4f} ({cfg.eval.mrr_candidates} candidates, chance "
-              f"{chance_mrr(cfg.eval.mrr_candidates):.4f}, conditioning={cfg.model.conditioning})")
-        print(f"checkpoint: {result.checkpoint}")
-        print(f"logs:       {result.metrics_csv}  (TensorBoard: {os.path.join(result.out_dir, 'tensorboard')})")
-        print(f"plot:       {result.plot}")
-        if after is not None:
-            after(cfg, result)
+    def go():
+        cfg = apply_args(build(), args)
+        done["cfg"], done["result"] = cfg, train(cfg)
+
+    code = exit_code_of(go)
+    if code or int(os.environ.get("RANK", "0")) != 0:
+        return code
+    cfg, result = done["cfg"], done["result"]
+    print(f"\nfinal loss {result.final_loss:.4f} (first logged {result.first_loss:.4f}) after {result.step} steps")
+    print(f"final MRR {result.mrr:.4f} ({cfg.eval.mrr_candidates} candidates x {cfg.eval.mrr_images} images, chance "
+          f"{chance_mrr(cfg.eval.mrr_candidates):.4f}, conditioning={cfg.model.conditioning})")
+    if result.data_summary:
+        print(f"data:       {result.data_summary}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"logs:       {result.metrics_csv}  (TensorBoard: {os.path.join(result.out_dir, 'tensorboard')})")
+    print(f"plot:       {result.plot}")
+    if after is not None:
+        return exit_code_of(lambda: after(cfg, result))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation commands
+# ----------------------------------------------------------------------------------------------------
+def _default_out(ckpt: str, name: str) -> str:
+    base = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+    return os.path.join(base, name)
+
+
+def _folder(arg: Optional[str]) -> Optional[str]:
+    return None if arg in (None, "embedded") else arg
+
+
+def run_mrr(args) -> dict:
+    from engine.eval import chance_mrr, load_eval_images, load_model, mean_reciprocal_rank
+
+    device = torch.device(args.device)
+    cfg, model, target, ckpt = load_model(args.ckpt, device)
+    if args.candidates:
+        cfg.eval.mrr_candidates = args.candidates
+    cfg.eval.validate()
+    images = load_eval_images(cfg, args.images, split="val", device=device, path=_folder(args.data))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    mrr = mean_reciprocal_rank(model, target, images, cfg, generator=gen)
+    result = {"mrr": mrr, "chance": chance_mrr(cfg.eval.mrr_candidates), "candidates": cfg.eval.mrr_candidates,
+              "images": len(images), "data": args.data or "embedded", "checkpoint": args.ckpt,
+              "step": ckpt.get("step"), "conditioning": cfg.model.conditioning}
+    out = args.out or _default_out(args.ckpt, "mrr.json")
+    atomic_write_json(out, result)
+    print(f"MRR {mrr:.4f} over {len(images)} images x {cfg.eval.mrr_candidates} candidates "
+          f"(chance {result['chance']:.4f}); wrote {out}")
+    return result
+
+
+def run_linear(args) -> dict:
+    from engine.data import build_loader
+    from engine.eval import eval_dataset, extract_features, linear_probe, load_model, report_data
+
+    device = torch.device(args.device)
+    cfg, _, target, ckpt = load_model(args.ckpt, device)
+    if (_folder(args.data) is None) != (_folder(args.val) is None):
+        raise DataError("pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
+    datasets = [eval_dataset(cfg, split, path) for split, path in (("train", _folder(args.data)),
+                                                                    ("val", _folder(args.val)))]
+    classes = [getattr(d, "classes", None) for d in datasets]
+    if classes[0] != classes[1]:
+        raise DataError(f"train and val folders have different classes ({len(classes[0])} vs {len(classes[1])}; "
+                        f"e.g. {sorted(set(classes[0]) ^ set(classes[1]))[:3]}): labels would not line up; "
+                        f"give both the same class subfolders")
+    if classes[0] is not None and len(classes[0]) < 2:
+        raise DataError(f"{args.data}: a linear probe needs at least 2 classes (class subfolders); found "
+                        f"{len(classes[0])}")
+    loaders = [build_loader(d, args.batch_size, args.workers, shuffle=False, drop_last=False, seed=0)
+               for d in datasets]
+    tx, ty = extract_features(target, loaders[0], device, desc="train features")
+    vx, vy = extract_features(target, loaders[1], device, desc="val features")
+    for loader in loaders:
+        report_data(loader.dataset)
+    result = linear_probe(tx, ty, vx, vy, epochs=args.epochs or cfg.eval.probe_epochs, lr=cfg.eval.probe_lr)
+    result.update(checkpoint=args.ckpt, step=ckpt.get("step"), data=args.data or "embedded",
+                  val=args.val or "embedded")
+    out = args.out or _default_out(args.ckpt, "linear.json")
+    atomic_write_json(out, result)
+    print(f"linear probe top-1 {result['val_top1']:.2f}% on {result['val_images']} val images "
+          f"({result['classes']} classes; train {result['train_top1']:.2f}%); wrote {out}")
+    return result
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = sub.add_parser("mrr", help="world-model mean reciprocal rank")
+    p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
+    p.add_argument("--data", default=None, help="image folder (class subfolders or flat); default: embedded")
+    p.add_argument("--images", type=_positive, default=16, help="images to average over")
+    p.add_argument("--candidates", type=_positive, default=None, help="candidates per image (default: config, 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default: mrr.json beside the checkpoint)")
+    p.add_argument("--device", default=device)
+    p.set_defaults(fn=run_mrr)
+    p = sub.add_parser("linear", help="linear probe on frozen, average-pooled target-encoder features")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", default=None, help="train folder with class subfolders; default: embedded")
+    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
+    p.add_argument("--epochs", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default: linear.json beside the checkpoint)")
+    p.add_argument("--device", default=device)
+    p.set_defaults(fn=run_linear)
+    return parser
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    args = eval_parser().parse_args(argv)
+    return exit_code_of(lambda: args.fn(args))

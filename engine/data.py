@@ -341,9 +341,6 @@ class SharedCrop:
         return _to_uint8_tensor(self.ops(_as_input(img)))
 
 
-TwoViewTransform = SharedCrop  # the same thing, named for what it serves: one crop, two views
-
-
 class EvalTransform:
     """Resize the shorter side to round(img_size / crop_fraction), center crop img_size; uint8 out."""
 
@@ -389,11 +386,13 @@ def build_dataset(data_cfg: DataConfig, view_cfg: ViewConfig, split: str = "trai
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler that can start its next epoch a number of batches in, so a run resumed in
-    the middle of an epoch sees the rest of that epoch's order rather than its start again."""
+    the middle of an epoch sees the rest of that epoch's order rather than its start again. With
+    ``with_epoch`` it yields ``(index, epoch)`` pairs, for :class:`SeededCrops`."""
 
-    def __init__(self, *args, batch_size: int = 1, **kwargs):
+    def __init__(self, *args, batch_size: int = 1, with_epoch: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_size = batch_size
+        self.with_epoch = with_epoch
         self._skip = 0
 
     def skip_batches(self, n: int) -> None:
@@ -403,10 +402,35 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self):
         indices = list(super().__iter__())[self._skip:]
         self._skip = 0
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in indices])
         return iter(indices)
 
     def __len__(self) -> int:
         return super().__len__() - self._skip
+
+
+class SeededCrops(Dataset):
+    """Wraps a training data set so that each sample's random crop and flip are a function of
+    (seed, epoch, index) alone, whichever loader worker or process draws it: a resumed run, or the same
+    run with another number of workers, sees exactly the same crops. Takes ``(index, epoch)`` keys."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # summary(), classes, ... of the wrapped data set
+        if name in ("dataset", "seed"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):  # the process's own stream is left as it was
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + int(index))
+            return self.dataset[index]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -417,7 +441,8 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool,
-                 seed: int, rank: int = 0, world_size: int = 1, pin_memory: Optional[bool] = None) -> DataLoader:
+                 seed: int, rank: int = 0, world_size: int = 1, pin_memory: Optional[bool] = None,
+                 seeded_crops: bool = False) -> DataLoader:
     """A DataLoader over this rank's shard.
 
     Always a :class:`ResumableSampler` (a DistributedSampler, also for world_size=1), seeded with ``seed``: call
@@ -425,13 +450,17 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
     index sets (padded by repetition to equal length unless drop_last). Worker RNGs (the random crops)
     derive from ``seed`` and ``rank``; with num_workers=0 the crops use the main process's torch RNG.
     pin_memory defaults to whether CUDA is available; workers persist across epochs when num_workers > 0.
+    ``seeded_crops`` (training): each sample's random transform is seeded by (seed, epoch, index) through
+    :class:`SeededCrops`, independent of workers and of the process's RNG (exact resume).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}: must be positive")
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                               drop_last=drop_last, batch_size=batch_size)
+                               drop_last=drop_last, batch_size=batch_size, with_epoch=seeded_crops)
+    if seeded_crops:
+        dataset = SeededCrops(dataset, seed)
     if drop_last and len(sampler) < batch_size:
         raise DataError(f"{len(dataset)} images give {len(sampler)} per rank over {world_size} ranks, fewer than "
                         f"one batch of {batch_size} with drop_last: lower data.batch_size or use more data")

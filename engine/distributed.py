@@ -54,9 +54,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float, device) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+def all_reduce_sum(value, device) -> float:
+    """Sum of a number (or 0-dim tensor) over ranks, as a Python float: a host sync, for log steps only."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.item()

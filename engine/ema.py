@@ -1,41 +1,62 @@
-"""The target encoder: an exponential moving average of the online encoder, fp32, no gradient.
+"""The EMA target encoder (docs/method.md, "EMA target encoder").
 
-The update runs through ``kernels.ema``: with the target encoder's parameters in one flat fp32 buffer
-(``engine.models.make_target_encoder``), one kernel launch on CUDA (multi-tensor lerp on CPU) instead of
-a Python loop over parameters.
+:class:`TargetEncoder` owns a frozen fp32 copy of the online encoder, the flat buffer its parameters live
+in, and the pairing of each of its parameters with the online encoder's, so the update
+``target <- m * target + (1 - m) * online`` is one call (one kernel launch on CUDA, ``kernels/ema.py``).
+The target encoder is never trained and never given to the optimizer; it runs in eval mode.
 """
 from __future__ import annotations
+
+import copy
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
-from kernels.ema import ema_update_, ema_update_flat_
+from kernels.ema import FlatBuffer, ema_update_flat_
 
 
-def ema_pairs(target: nn.Module, online: nn.Module):
-    """Matching (target, online) parameter lists, in the target's parameter order; the two modules
-    must have the same structure."""
-    t_params, o_params = dict(target.named_parameters()), dict(online.named_parameters())
-    if t_params.keys() != o_params.keys():
-        missing = sorted(set(t_params) ^ set(o_params))[:5]
-        raise ValueError(f"target and online encoders differ in parameters, e.g. {missing}")
-    names = [n for n, _ in target.named_parameters()]
-    return [t_params[n] for n in names], [o_params[n] for n in names]
+class TargetEncoder:
+    """The target encoder of ``online``: ``target(images) -> [B, N, D]`` features, ``update(momentum)``.
 
+    ``online`` is the encoder the optimizer trains (the same module object DeepSpeed wraps); its
+    parameters are paired by name once, here, and read afresh at every update (DeepSpeed may re-home
+    their storage). The copy is fp32 on ``device`` whatever the online dtype.
+    """
 
-@torch.no_grad()
-def update_target(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, for every parameter."""
-    cached = getattr(target, "_ema_cache", None)
-    if cached is None or cached[0] is not online:
-        t, o = ema_pairs(target, online)
-        flat = getattr(target, "flat_params", None)
-        same_order = flat is not None and len(flat.params) == len(t) and all(a is b for a, b in zip(flat.params, t))
-        flat = flat if same_order and flat.is_intact() else None
-        cached = (online, t, o, flat)
-        target._ema_cache = cached  # plain attribute: the pairing is fixed once both modules exist
-    _, t, o, flat = cached
-    if flat is not None:
-        ema_update_flat_(flat.flat, o, momentum)  # the buffer's order is the target's parameter order
-    else:
-        ema_update_(t, o, momentum)
+    def __init__(self, online: nn.Module, device=None):
+        self.online = online
+        self.module = copy.deepcopy(online).to(device=device, dtype=torch.float32).eval()
+        self.module.requires_grad_(False)
+        names = [n for n, _ in self.module.named_parameters()]
+        online_params = dict(online.named_parameters())
+        if names != list(online_params):
+            raise ValueError("target and online encoders differ in parameters: "
+                             f"{sorted(set(names) ^ set(online_params))[:5]}")
+        self._online_params: List[nn.Parameter] = [online_params[n] for n in names]
+        self.buffer = FlatBuffer(self.module.parameters())  # the copy's parameters become views of one buffer
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """All target parameters as one contiguous fp32 vector (parameter order)."""
+        return self.buffer.flat
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * online, every parameter, fp32 arithmetic."""
+        if not self.buffer.is_intact():
+            raise RuntimeError("the target encoder's parameters were re-homed away from its flat buffer "
+                               "(e.g. by .to() or load_state_dict(assign=True)); use load_state_dict()")
+        ema_update_flat_(self.buffer.flat, [p.detach() for p in self._online_params], momentum)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)  # copies into the buffer's views in place
+
+    def parameters(self):
+        return self.module.parameters()

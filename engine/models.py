@@ -7,7 +7,6 @@ keeps all its tokens and MLPs / norms never compute on padding. Attention goes t
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -20,7 +19,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from engine.config import IWMConfig
 from engine.masks import MaskBatch
 from kernels.attention import ragged_attention
-from kernels.ema import FlatBuffer
 from kernels.feature_conditioning import feature_conditioning
 from kernels.gather import gather_tokens
 
@@ -213,7 +211,7 @@ def _init_weights(m: nn.Module):
 
 class IWM(nn.Module):
     """The trainable part (encoder + predictor) that DeepSpeed wraps. The target encoder is kept apart,
-    in fp32, with no gradient: see :func:`make_target_encoder`."""
+    in fp32, with no gradient: see :class:`engine.ema.TargetEncoder`."""
 
     def __init__(self, cfg: IWMConfig):
         super().__init__()
@@ -223,13 +221,3 @@ class IWM(nn.Module):
     def forward(self, source_view: torch.Tensor, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
         context = self.encoder(source_view, masks)  # [Tc, D]
         return self.predictor(context, masks, action)  # [Tt, D]
-
-
-def make_target_encoder(encoder: Encoder, device=None) -> Encoder:
-    """An fp32, frozen copy of `encoder` on `device` whose parameters live in one flat buffer, so that
-    the EMA update is one kernel launch on CUDA (``kernels.ema``). Do not ``.to()`` it afterwards."""
-    target = copy.deepcopy(encoder).to(device=device, dtype=torch.float32)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    target.flat_params = FlatBuffer.from_module(target)  # not a module attribute: plain Python object
-    return target.eval()  # never in training mode: no dropout / drop-path in the targets

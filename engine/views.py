@@ -306,3 +306,17 @@ def make_views(images: torch.Tensor, cfg: ViewConfig, generator: Optional[torch.
     target_view = apply_view(images, target_params, cfg)
     action = action_from_params(source_params, target_params)
     return source_view, target_view, action, source_params, target_params
+
+
+def mrr_views(image: torch.Tensor, cfg: ViewConfig, candidates: int, generator: Optional[torch.Generator] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the MRR: image [1, 3, H, W] -> (one source view [1, 3, H, W], K candidate target views
+    [K, 3, H, W], their actions [K, A]); every candidate gets the colour jitter."""
+    import dataclasses
+
+    device = image.device
+    sp = sample_source_params(cfg, 1, generator, device)
+    tp = sample_target_params(dataclasses.replace(cfg, jitter_p=1.0), candidates, generator, device)
+    source = apply_view(image, sp, cfg)
+    targets = apply_view(image.expand(candidates, -1, -1, -1), tp, cfg)
+    return source, targets, action_from_params(sp.repeat_interleave(candidates), tp)

@@ -4,13 +4,10 @@
     python recipes/pretrain_tiny.py --set model.conditioning=none --out runs/pretrain_tiny_none
     deepspeed --num_gpus 2 recipes/pretrain_tiny.py       # two ranks (CPU: gloo)
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.cli import run_recipe  # noqa: E402
-from engine.config import IWMConfig, strong_jitter  # noqa: E402
+from engine.cli import run_recipe
+from engine.config import IWMConfig, strong_jitter
 
 
 def config() -> IWMConfig:
@@ -44,7 +41,7 @@ def config() -> IWMConfig:
 
 def linear_probe_on_embedded(cfg, result):
     """The demo's closing report: a linear probe on the embedded labels."""
-    from engine.eval import main as eval_main
+    from engine.cli import eval_main
 
     if cfg.data.dataset != "embedded":
         print("linear probe: run `python -m engine.eval linear --ckpt CKPT --data TRAIN --val VAL`")

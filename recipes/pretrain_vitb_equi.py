@@ -4,13 +4,10 @@
 
 300 epochs, batch 128 per GPU; feature conditioning; the predictor is kept for finetuning.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.cli import run_recipe  # noqa: E402
-from engine.config import IWMConfig  # noqa: E402
+from engine.cli import run_recipe
+from engine.config import IWMConfig
 
 
 def config() -> IWMConfig:

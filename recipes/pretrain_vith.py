@@ -5,13 +5,10 @@
 
 Batch 128 per GPU (x 16 GPUs = 2048), bf16 autocast, 300 epochs, predictor Equi 36 x 512.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.cli import run_recipe  # noqa: E402
-from engine.config import IWMConfig  # noqa: E402
+from engine.cli import run_recipe
+from engine.config import IWMConfig
 
 
 def config() -> IWMConfig:

@@ -1,0 +1,115 @@
+"""IWM pretraining: the step, and the task the run core (``engine/run.py``) trains.
+
+Follow one batch from image to loss in :func:`pretrain_step`, top to bottom. Everything a pretraining run
+owns besides the loop (the networks, the EMA target encoder, the mask sampler, the random streams of the
+views and masks, the MRR during training, the weights file) is in :class:`Pretraining`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from engine import checkpoint as ckpt_lib
+from engine.config import IWMConfig
+from engine.ema import TargetEncoder
+from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
+from engine.loss import iwm_loss
+from engine.masks import MaskBatch, MaskSampler
+from engine.models import IWM
+from engine.schedules import ema_momentum_at
+from engine.views import make_views
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # fp32 scalar, before backward
+    masks: MaskBatch
+
+
+def pretrain_step(cfg: IWMConfig, predict: Callable, target_encoder: Callable, images: torch.Tensor,
+                  mask_sampler: MaskSampler, view_gen: torch.Generator, mask_gen: torch.Generator,
+                  autocast: Callable = contextlib.nullcontext) -> StepOutput:
+    """One IWM step on images [B, 3, H, W] in [0, 1] (the loader's shared crop + flip already applied).
+
+    ``predict(source_view, masks, action)`` is the trainable encoder + predictor (the DeepSpeed engine);
+    ``target_encoder(images)`` the EMA target encoder. Returns the loss; backward and the update are the
+    caller's.
+    """
+    # the two views and the action that maps the source back to the target (engine/views.py)
+    source_view, target_view, action, _, _ = make_views(images, cfg.views, generator=view_gen)
+    # ragged masks: per sample, the target positions to predict and the context the encoder sees
+    masks = mask_sampler.sample(images.shape[0], mask_gen).to(images.device)
+    with torch.no_grad(), autocast():
+        target_feats = target_encoder(target_view)  # [B, N, D]: y through the target encoder, all patches
+    with autocast():
+        pred = predict(source_view, masks, action)  # [Tt, D]: encoder on x's context, action-conditioned predictor
+    loss = iwm_loss(pred, target_feats, masks, cfg.model.target_norm_eps)  # fp32
+    return StepOutput(loss, masks)
+
+
+class Pretraining:
+    """The IWM pretraining task: ``model`` (encoder + predictor) is what the optimizer trains."""
+
+    name = "pretrain"
+
+    def __init__(self, cfg: IWMConfig, device: torch.device, rank: int = 0):
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, the target encoder too
+        self.model = IWM(cfg)
+        self.target_encoder = TargetEncoder(self.model.encoder, device)
+        self.mask_sampler = MaskSampler(cfg.masks, *self.model.encoder.grid)
+        # per-rank random streams of the views (on the device) and of the masks (on the host)
+        self.view_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 104729 + rank)
+        self.mask_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
+        self.eval_images: Optional[torch.Tensor] = None
+        self.chance = chance_mrr(cfg.eval.mrr_candidates)
+
+    def load_eval_data(self) -> None:
+        """The held-out MRR images (every rank loads them before DeepSpeed starts: a bad folder stops all)."""
+        self.eval_images = load_eval_images(self.cfg, self.cfg.eval.mrr_images, split="val", device=self.device)
+
+    def step(self, engine, images: torch.Tensor, autocast: Callable) -> StepOutput:
+        return pretrain_step(self.cfg, engine, self.target_encoder, images, self.mask_sampler, self.view_gen,
+                             self.mask_gen, autocast)
+
+    def after_update(self, step: int, total: int) -> Dict[str, float]:
+        """After optimizer step ``step`` (1-based): the EMA of the target encoder."""
+        momentum = ema_momentum_at(step, total, *self.cfg.optim.ema)
+        self.target_encoder.update(momentum)
+        return {"ema": momentum}
+
+    def tokens(self, out: StepOutput) -> Dict[str, int]:
+        return {"context": sum(out.masks.context_counts), "target": sum(out.masks.target_counts)}
+
+    @torch.no_grad()
+    def evaluate(self, module, autocast: Callable) -> Dict[str, float]:
+        """The world model's MRR on the held-out images (main rank; the same candidates every time)."""
+        module.eval()
+        gen = torch.Generator(device=self.device).manual_seed(12345)
+        with autocast():
+            mrr = mean_reciprocal_rank(module, self.target_encoder, self.eval_images, self.cfg, generator=gen)
+        module.train()
+        return {"mrr": mrr}
+
+    # ---- what a checkpoint holds besides DeepSpeed's engine state -------------------------------------
+    def state_dict(self) -> dict:
+        return {"target_encoder": self.target_encoder.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target_encoder.load_state_dict(state["target_encoder"])
+
+    def rng_state(self) -> dict:
+        return {"view_gen": self.view_gen.get_state(), "mask_gen": self.mask_gen.get_state()}
+
+    def load_rng_state(self, state: dict) -> None:
+        self.view_gen.set_state(state["view_gen"])
+        self.mask_gen.set_state(state["mask_gen"])
+
+    def export(self, path: str, module, step: int, metrics: Dict[str, float]) -> None:
+        """The consolidated weights file that eval and finetuning load."""
+        ckpt_lib.save_weights(path, config=self.cfg.to_dict(), step=step, encoder=module.encoder,
+                              predictor=module.predictor, target_encoder=self.target_encoder.module,
+                              metrics=metrics)

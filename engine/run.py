@@ -1,0 +1,390 @@
+"""The run core: what every training run shares, whatever it trains.
+
+A *task* (``engine/pretrain.py``'s :class:`~engine.pretrain.Pretraining`; finetuning protocols next) owns the
+networks and the step; :class:`Run` owns the rest: the run directory (one run per folder, nothing deleted
+before the run has proved it can start), the data loader, the DeepSpeed engine, the schedules, gradient
+accumulation, meters and logs, periodic evaluation, checkpoints and exact resume.
+
+A task provides::
+
+    model                                     the nn.Module the optimizer trains (DeepSpeed wraps it)
+    step(engine, images, autocast)            -> StepOutput (.loss, fp32 scalar before backward)
+    after_update(step, total)                 -> dict of logged values (e.g. the EMA momentum)
+    tokens(out)                               -> {"context": n, "target": n} for the FLOPs estimate
+    load_eval_data(); evaluate(module, autocast) -> {"mrr": ...}  (main rank), chance (or None)
+    state_dict() / load_state_dict(d)         what the checkpoint holds besides DeepSpeed's state
+    rng_state() / load_rng_state(d)           the task's random streams (per rank)
+    export(path, module, step, metrics)       the consolidated weights file
+
+Host synchronisation: the step loop never reads a device value; losses and a non-finite count are
+accumulated on the device and read at log, eval and checkpoint steps only. A non-finite loss stops every
+rank at the next of those, before any checkpoint can contain the diverged weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from engine import checkpoint as ckpt_lib
+from engine.config import ConfigError, IWMConfig
+from engine.data import build_dataset, build_loader, to_float_images
+from engine.distributed import DistInfo, all_reduce_sum, barrier
+from engine.flops import device_peak_flops, step_flops
+from engine.metrics import MetricLogger
+from engine.schedules import lr_at, weight_decay_at
+from kernels import dispatch
+
+log = logging.getLogger("iwm")
+VERIFY_UP_TO = 50_000  # folders up to this size are checked file by file before training
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the message names the last good checkpoint and how to resume from it."""
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+    """AdamW groups: no weight decay on biases and 1-D parameters (norms, mask token)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "apply_wd": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+
+def autocast_context(cfg: IWMConfig, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def accumulation_steps(cfg: IWMConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step, so that ranks x batch x steps = optim.global_batch."""
+    per_pass = cfg.data.batch_size * world_size
+    if cfg.optim.global_batch is None:
+        return 1
+    if cfg.optim.global_batch % per_pass:
+        raise ConfigError(f"optim.global_batch={cfg.optim.global_batch} is not a multiple of {world_size} ranks x "
+                          f"data.batch_size={cfg.data.batch_size} = {per_pass}: pick a global batch that is, or "
+                          f"change the batch size / number of ranks")
+    return cfg.optim.global_batch // per_pass
+
+
+def deepspeed_config(cfg: IWMConfig, world_size: int) -> dict:
+    accum = accumulation_steps(cfg, world_size)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.data.batch_size * world_size * accum,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Schedule:
+    """Optimizer steps of the run and the per-step LR / weight decay (docs/method.md, "Optimisation")."""
+    total: int
+    warmup: int
+    steps_per_epoch: int
+
+    @classmethod
+    def build(cls, cfg: IWMConfig, micro_batches_per_epoch: int, accum: int) -> "Schedule":
+        per_epoch = micro_batches_per_epoch // accum
+        if per_epoch < 1:
+            raise ConfigError(f"one optimizer step needs {accum} micro-batches but an epoch has "
+                              f"{micro_batches_per_epoch} per rank: lower optim.global_batch or use more data")
+        total = cfg.optim.max_steps or max(1, round(cfg.optim.epochs * per_epoch))
+        return cls(total, min(total, round(cfg.optim.warmup_epochs * per_epoch)), per_epoch)
+
+    def apply(self, optimizer, cfg: IWMConfig, step: int) -> Tuple[float, float]:
+        o = cfg.optim
+        lr = lr_at(step, self.total, self.warmup, o.start_lr, o.lr, o.final_lr)
+        wd = weight_decay_at(step, self.total, o.weight_decay, o.final_weight_decay)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = wd if g.get("apply_wd", True) else 0.0
+        return lr, wd
+
+
+@dataclass
+class Meters:
+    """Per-rank sums since the last log, kept on the device (read only at log steps)."""
+    device: torch.device
+    loss_sum: Optional[torch.Tensor] = None
+    bad: Optional[torch.Tensor] = None
+    micro: int = 0
+    images: int = 0
+    tokens: Dict[str, int] = field(default_factory=lambda: {"context": 0, "target": 0})
+    since: float = field(default_factory=time.time)
+
+    def add(self, loss: torch.Tensor, images: int, tokens: Dict[str, int]) -> None:
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        value = torch.where(finite, loss, torch.zeros_like(loss))
+        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
+        self.bad = (~finite).int() if self.bad is None else self.bad + (~finite).int()
+        self.micro += 1
+        self.images += images
+        for k, v in tokens.items():
+            self.tokens[k] = self.tokens.get(k, 0) + v
+
+    def any_bad(self) -> bool:
+        """Host sync: did any rank see a non-finite loss since the last reset? (every rank calls this)"""
+        bad = self.bad if self.bad is not None else torch.zeros((), dtype=torch.int32, device=self.device)
+        return all_reduce_sum(bad.double(), self.device) > 0
+
+    def reset(self) -> None:
+        self.__init__(self.device)
+
+
+@dataclass
+class RunResult:
+    step: int
+    final_loss: float
+    first_loss: float
+    metrics: Dict[str, float]
+    out_dir: str
+    checkpoint: str
+    metrics_csv: str
+    plot: Optional[str]
+    data_summary: Optional[str] = None
+
+    @property
+    def mrr(self) -> float:
+        return self.metrics.get("mrr", float("nan"))
+
+
+class Run:
+    """Trains one task in ``cfg.train.out_dir`` on this process's rank (see the module docstring)."""
+
+    def __init__(self, cfg: IWMConfig, info: DistInfo):
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.dir = ckpt_lib.RunDir(cfg.train.out_dir)
+        self.autocast = autocast_context(cfg, self.device)
+        self.peak = device_peak_flops(self.device)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def fit(self, task) -> RunResult:
+        cfg, info = self.cfg, self.info
+        dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
+        with self.dir.lock(enabled=info.is_main):
+            resume_tag = self._resume_tag()
+            loader, sched = self._data()
+            task.load_eval_data()
+            engine = self._engine(task)
+            step = self._resume(engine, task, resume_tag) if resume_tag else 0
+            self._start(step, resume_tag)  # the run has proved it can start: only now touch old files
+            self.metrics = MetricLogger(self.dir.path, enabled=info.is_main)
+            self.metrics.drop_after(step if resume_tag else -1)
+            results: Dict[str, float] = {}
+            bar = self._progress(sched.total, step)
+            meters = Meters(self.device)
+            for step, micro_batches in self._optimizer_steps(loader, sched, step):
+                lr, wd = sched.apply(engine.optimizer, cfg, step)
+                for images in micro_batches:
+                    out = task.step(engine, to_float_images(images, self.device), self.autocast)
+                    engine.backward(out.loss)
+                    engine.step()
+                    meters.add(out.loss, images.shape[0], task.tokens(out))
+                step += 1
+                logged = task.after_update(step, sched.total)
+                bar.update(1)
+                last = step == sched.total
+                if step % cfg.train.log_every == 0 or last:
+                    self._log(step, sched, meters, engine, bar, lr=lr, weight_decay=wd, **logged)
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                    results = self._evaluate(step, sched, meters, task, engine, bar)
+                if step % cfg.train.ckpt_every == 0 or last:
+                    self._save(step, sched, meters, engine, task, loader, results)
+            bar.close()
+            return self._finish(step, results, loader)
+
+    def _optimizer_steps(self, loader, sched: Schedule, step: int) -> Iterator[Tuple[int, List[torch.Tensor]]]:
+        """(step, the micro-batches of that optimizer step) from ``step`` on; a resumed run continues the
+        epoch's order where it stopped."""
+        accum = self.accum
+        epoch, within = divmod(step, sched.steps_per_epoch)
+        loader.sampler.skip_batches(within * accum)
+        while step < sched.total:
+            loader.sampler.set_epoch(epoch)
+            batches: List[torch.Tensor] = []
+            for images, _ in loader:
+                batches.append(images)
+                if len(batches) == accum:
+                    yield step, batches
+                    step, batches = step + 1, []
+                    if step >= sched.total or step % sched.steps_per_epoch == 0:
+                        break
+            epoch += 1
+
+    # ---- set-up -----------------------------------------------------------------------------------------
+    def _resume_tag(self) -> Optional[str]:
+        """The complete checkpoint to resume from (None: a fresh start); refuses a different network."""
+        if not self.cfg.train.resume:
+            return None
+        tag, note = self.dir.resume_tag()
+        if note and self.info.is_main:
+            log.warning("%s", note)
+        if tag is not None:
+            saved = self.dir.saved_config()
+            if saved is not None:
+                check_resume_config(saved, self.cfg, self.dir.path)
+        return tag
+
+    def _data(self):
+        cfg, info = self.cfg, self.info
+        dataset = build_dataset(cfg.data, cfg.views, split="train")
+        if hasattr(dataset, "verify") and len(dataset) <= VERIFY_UP_TO:
+            dataset.verify()  # an image folder: drop unreadable files up front when that is cheap
+        if hasattr(dataset, "summary") and info.is_main:
+            log.info("data: %s", dataset.summary())
+        self.dataset = dataset
+        loader = build_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, shuffle=True, drop_last=True,
+                              seed=cfg.train.seed, rank=info.rank, world_size=info.world_size, seeded_crops=True)
+        self.accum = accumulation_steps(cfg, info.world_size)
+        return loader, Schedule.build(cfg, len(loader), self.accum)
+
+    def _engine(self, task):
+        import deepspeed
+
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(param_groups(task.model, cfg.optim.weight_decay), lr=cfg.optim.start_lr,
+                                      betas=cfg.optim.betas, fused=self.device.type == "cuda")
+        engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, self.info.world_size))
+        engine.checkpoint_engine = ckpt_lib.SafeCheckpointEngine()  # resume never unpickles code
+        check_same_across_ranks(task.target_encoder.module, self.device)
+        engine.train()
+        if self.info.is_main:
+            n = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+            m = cfg.model
+            log.info("%s: encoder %s/%d, predictor %dx%d, conditioning=%s | %.2fM trainable params | %d ranks x "
+                     "batch %d x %d accumulation | device %s", task.name, m.encoder, m.patch_size, m.predictor_depth,
+                     m.predictor_width, m.conditioning, n / 1e6, self.info.world_size, cfg.data.batch_size,
+                     self.accum, self.device)
+        return engine
+
+    def _resume(self, engine, task, tag: str) -> int:
+        state = self.dir.load(engine, tag, self.info)
+        task.load_state_dict(state["client"])
+        task.load_rng_state(state["rng"]["task"])
+        ckpt_lib.set_global_rng_state(state["rng"]["global"])
+        if self.info.is_main:
+            log.info("resumed from %s at step %d", tag, state["step"])
+        return int(state["step"])
+
+    def _start(self, step: int, resume_tag: Optional[str]) -> None:
+        barrier()
+        if self.info.is_main:
+            if resume_tag is None:
+                moved = self.dir.move_aside()  # a fresh start: the old run's files are kept, not deleted
+                if moved:
+                    log.warning("a previous run in %s was moved to %s", self.dir.path, moved)
+            self.dir.write_config(self.cfg.to_dict())
+        barrier()
+
+    def _progress(self, total: int, step: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=step, disable=not (self.info.is_main and self.cfg.train.progress),
+                    dynamic_ncols=True, desc="train")
+
+    # ---- at log / eval / checkpoint steps (host syncs happen here only) ---------------------------------
+    def _check_finite(self, step: int, meters: Meters) -> None:
+        if meters.any_bad():
+            last = self.dir.latest_complete_step()
+            where = (f"the last checkpoint, step {last} in {self.dir.path}, was written before it" if last
+                     else "no checkpoint was written before it")
+            raise TrainingDiverged(
+                f"the loss became non-finite between step {step - meters.micro // self.accum + 1} and step {step}; "
+                f"{where}: rerun the same command with a lower learning rate (e.g. --set optim.lr="
+                f"{self.cfg.optim.lr / 2:g}) or a longer warmup (optim.warmup_epochs) to resume from it")
+
+    def _log(self, step: int, sched: Schedule, meters: Meters, engine, bar, **values) -> None:
+        self._check_finite(step, meters)
+        info, cfg = self.info, self.cfg
+        dt = max(time.time() - meters.since, 1e-9)
+        loss = all_reduce_sum(meters.loss_sum.double(), self.device) / (meters.micro * info.world_size)
+        img_s = meters.images * info.world_size / dt
+        per_img = {k: v / max(1, meters.images) for k, v in meters.tokens.items()}
+        tflops = step_flops(cfg, per_img["context"], per_img["target"], meters.images) / dt / 1e12
+        extra = {"mfu": 100 * tflops * 1e12 / self.peak} if self.peak else {}
+        grad_norm = engine.get_global_grad_norm()  # None / nan under ZeRO-0 fp32 (not tracked)
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            extra["grad_norm"] = float(grad_norm)
+        self.metrics.log(step, loss=loss, img_per_s=img_s, tflops_per_device=tflops, **values, **extra,
+                         epoch=step / sched.steps_per_epoch)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values.get('lr', 0):.2e}", img_s=f"{img_s:.1f}")
+        meters.reset()
+
+    def _evaluate(self, step: int, sched, meters: Meters, task, engine, bar) -> Dict[str, float]:
+        self._check_finite(step, meters)
+        results: Dict[str, float] = {}
+        if self.info.is_main:
+            results = task.evaluate(engine.module, self.autocast)
+            self.metrics.log(step, **results)
+            self.metrics.plot(chance_mrr=getattr(task, "chance", None))
+            bar.set_postfix({k: f"{v:.3f}" for k, v in results.items()})
+        barrier()
+        return results
+
+    def _save(self, step: int, sched, meters: Meters, engine, task, loader, results) -> None:
+        self._check_finite(step, meters)
+        rng = {"task": task.rng_state(), "global": ckpt_lib.global_rng_state()}
+        self.dir.save(engine, step, client=task.state_dict(), rng=rng, info=self.info,
+                      keep=self.cfg.train.keep_checkpoints,
+                      export=lambda path: task.export(path, engine.module, step, results))
+
+    def _finish(self, step: int, results: Dict[str, float], loader) -> RunResult:
+        plot = self.metrics.plot(chance_mrr=None) if self.info.is_main else None
+        self.metrics.close()
+        logged = self.metrics.series("loss")[1]  # the whole run's history, resumed parts included (main rank)
+        summary = self.dataset.summary() if hasattr(self.dataset, "summary") else None
+        return RunResult(step=step, final_loss=logged[-1] if logged else float("nan"),
+                         first_loss=logged[0] if logged else float("nan"), metrics=results,
+                         out_dir=self.dir.path, checkpoint=self.dir.weights, metrics_csv=self.metrics.csv_path,
+                         plot=plot, data_summary=summary)
+
+
+def check_resume_config(saved: dict, cfg: IWMConfig, out_dir: str) -> None:
+    """Refuse to resume a run whose network differs from the checkpoint's (the weights would not fit):
+    the model section, and the image size (it sets the patch grid and the position embeddings)."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    keys = [("model", k) for k in now["model"]] + [("data", "img_size")]
+    diff = {f"{sec}.{k}": (saved.get(sec, {}).get(k), now[sec][k]) for sec, k in keys
+            if saved.get(sec, {}).get(k) != now[sec][k]}
+    if diff:
+        raise ckpt_lib.CheckpointError(
+            f"{out_dir} holds a run with a different model config {diff} (saved, now): resume with the same "
+            f"model settings, or pass a new --out (or --fresh to move the old run aside and start over)")
+
+
+def check_same_across_ranks(module: torch.nn.Module, device) -> None:
+    """Every rank must start from the same target encoder (it is not a DeepSpeed-managed module)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        s = torch.stack([p.double().sum() for p in module.parameters()]).sum().reshape(1).to(device)
+    lo, hi = s.clone(), s.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError("the target encoder differs between ranks: build the model under the same seed")
