@@ -310,10 +310,14 @@ class RunDir:
                 shutil.rmtree(folder, ignore_errors=True)  # a partial tag of this failed save only
             if isinstance(error, CheckpointError):
                 raise error
-            need = sum(os.path.getsize(p) for p in glob.glob(os.path.join(self.ds_dir, "*", "*")))
-            raise CheckpointError(f"writing checkpoint {tag} to {self.ds_dir} failed ({error or 'on another rank'}); "
-                                  f"a checkpoint needs about {need / max(1, len(self.tags())) / 2**20:.0f} MiB: free "
-                                  f"space there or pass another --out; the previous complete checkpoint is intact")
+            sizes = [sum(os.path.getsize(p) for p in glob.glob(os.path.join(self.ds_dir, t, "*")))
+                     for t in self.tags() if self.check_tag(t) is None]
+            need = f"about {max(sizes) / 2**20:.0f} MiB" if sizes else "as much as the model and optimizer states"
+            full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise CheckpointError(f"{'disk full: ' if full else ''}writing checkpoint {tag} to {self.ds_dir} failed "
+                                  f"({error or 'on another rank'}); a checkpoint needs {need}: free space there "
+                                  f"(df -h {self.path}) or pass another --out; the previous complete checkpoint is "
+                                  f"intact and a rerun resumes from it")
 
     def load(self, engine, tag: str, info) -> dict:
         """Load tag into the DeepSpeed engine; returns {step, client, rng} for this rank."""

@@ -1,13 +1,14 @@
 """Typed configuration: the one source of truth for every default.
 
 A recipe (``recipes/*.py``) builds an :class:`IWMConfig`, changes what it needs and calls the engine.
-Defaults follow ``PAPER.md`` (Garrido et al. 2024, with I-JEPA defaults where the paper is silent).
+Defaults follow the method (docs/method.md: Garrido et al. 2024, with I-JEPA defaults where the paper is silent).
 Any field can be overridden from the command line with ``--set section.field=value``.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -190,7 +191,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimisation (I-JEPA ViT-H/14 defaults, PAPER.md)
+# Optimisation (I-JEPA ViT-H/14 defaults, docs/method.md "Optimisation")
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class OptimConfig:
@@ -216,8 +217,14 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs}: must be >= 0")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"optim.max_steps={self.max_steps}: must be positive")
-        if min(self.start_lr, self.lr, self.final_lr) < 0:
-            raise ConfigError("optim learning rates must be >= 0")
+        for name in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "clip_grad"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"optim.{name}={v}: must be a finite number >= 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas}: AdamW needs two coefficients in [0, 1), e.g. [0.9, 0.999]")
+        if self.global_batch is not None and self.global_batch <= 0:
+            raise ConfigError(f"optim.global_batch={self.global_batch}: must be positive (or None)")
         lo, hi = self.ema
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"optim.ema={self.ema}: need 0 <= start <= end <= 1")
@@ -256,15 +263,15 @@ class TrainConfig:
             raise ConfigError(f"train.kernels={self.kernels!r}: use auto, triton or reference")
         if self.attention not in ("auto", "xformers", "sdpa", "reference"):
             raise ConfigError(f"train.attention={self.attention!r}: use auto, xformers, sdpa or reference")
-        for name in ("log_every", "ckpt_every"):
+        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
 
 
 @dataclass
 class EvalConfig:
-    mrr_candidates: int = 256  # augmented variants per image (PAPER.md protocol)
-    mrr_images: int = 16  # images the MRR is averaged over
+    mrr_candidates: int = 256  # candidate targets per image (docs/method.md "MRR")
+    mrr_images: int = 16  # images the MRR is averaged over during training (a trend line; the CLI uses 256)
     probe_epochs: int = 100
     probe_lr: float = 1e-2
 

@@ -286,7 +286,7 @@ class ImageFolderDataset(Dataset):
     @staticmethod
     def _load(path: str) -> Image.Image:
         with Image.open(path) as im:
-            return im.convert("RGB")  # forces the full decode
+            return to_rgb8(im)  # forces the full decode
 
     def __getitem__(self, index: int):
         n = len(self.samples)
@@ -304,6 +304,17 @@ class ImageFolderDataset(Dataset):
             return img, label
         raise DataError(f"{min(n, _MAX_SUBSTITUTIONS)} consecutive images from index {index} under {self.root} "
                         f"cannot be decoded: check the files, or call verify() to drop unreadable ones")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit (and 32-bit integer) grayscale is rescaled from its full range to 0..255
+    (PIL's own convert would clip every value above 255 to white); floats are taken as 0..1."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" else (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return im.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------

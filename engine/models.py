@@ -13,6 +13,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -61,9 +63,22 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.cat([enc(ys), enc(xs)], 1).float()
 
 
+def run_blocks(blocks, x: torch.Tensor, layout: Optional[RaggedLayout], checkpointing: bool) -> torch.Tensor:
+    """The transformer blocks; with ``checkpointing`` (and grad enabled) each block's activations are
+    recomputed in the backward pass instead of kept (train.activation_checkpointing)."""
+    for blk in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blk, x, attn_mask=layout, use_reentrant=False)
+        else:
+            x = blk(x, attn_mask=layout)
+    return x
+
+
 class Encoder(nn.Module):
     """A timm VisionTransformer without class token or head; fixed sin-cos positions.
 
+    Takes images in [0, 1] (after the photometric views) and normalises them with the ImageNet mean and
+    std first, once, here (so the weights expect normalised inputs, as standard pipelines feed them).
     ``forward(images)`` -> [B, N, D] for the whole image (the target encoder);
     ``forward(images, masks)`` -> packed [Tc, D] for each sample's context patches only.
     """
@@ -81,19 +96,22 @@ class Encoder(nn.Module):
         self.embed_dim = dim
         self.vit.pos_embed.data.copy_(sincos_2d(dim, gh, gw)[None])
         self.vit.pos_embed.requires_grad_(False)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
+        self.checkpointing = cfg.train.activation_checkpointing
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def forward(self, images: torch.Tensor, masks: Optional[MaskBatch] = None) -> torch.Tensor:
-        x = self.vit.patch_embed(images) + self.vit.pos_embed  # [B, N, D]
+        x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+        x = self.vit.patch_embed(x) + self.vit.pos_embed  # [B, N, D]
         layout = None
         if masks is not None:
             x = gather_tokens(x, masks.flat_context())[None]  # [1, Tc, D]
             layout = RaggedLayout(masks.context_counts)
-        for blk in self.vit.blocks:
-            x = blk(x, attn_mask=layout)
+        x = run_blocks(self.vit.blocks, x, layout, self.checkpointing)
         x = self.vit.norm(x)
         return x[0] if masks is not None else x
 
@@ -153,6 +171,7 @@ class Predictor(nn.Module):
                   attn_layer=RaggedAttention) for i in range(m.predictor_depth)])
         self.norm = nn.LayerNorm(w)
         self.proj = nn.Linear(w, encoder_dim)
+        self.checkpointing = cfg.train.activation_checkpointing
         self.apply(_init_weights)
 
     def mask_tokens(self, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
@@ -175,9 +194,7 @@ class Predictor(nn.Module):
         seqlens = [sum(c[b] for c in counts) for b in range(B)]
         order, target_rows = _interleave_order(counts, ctx.device)
         x = torch.cat(parts, 0).index_select(0, order)[None]  # [1, T, W]
-        layout = RaggedLayout(seqlens)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=layout)
+        x = run_blocks(self.blocks, x, RaggedLayout(seqlens), self.checkpointing)
         x = x[0].index_select(0, target_rows)  # [Tt, W]
         return self.proj(self.norm(x))
 

@@ -1,4 +1,4 @@
-"""Per-step schedules (PAPER.md / I-JEPA): LR linear warmup then cosine, weight-decay cosine, EMA ramp."""
+"""Per-step schedules (docs/method.md "Optimisation", I-JEPA): LR linear warmup then cosine, weight-decay cosine, EMA ramp."""
 from __future__ import annotations
 
 import math

@@ -29,7 +29,7 @@ def test_vith_recipe_shapes():
 
 
 def test_vitb_equi_predictor_ratio_near_paper():
-    # PAPER.md: predictor / encoder parameter ratio about 0.3 for IWM Equi_{18,384} with ViT-B/16
+    # docs/method.md: predictor / encoder parameter ratio about 0.3 for IWM Equi_{18,384} with ViT-B/16
     import torch
 
     cfg = load("pretrain_vitb_equi")

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from engine.eval import linear_probe, reciprocal_ranks
-from engine.train import chance_mrr
+from engine.eval import chance_mrr, linear_probe, reciprocal_ranks
 
 
 def test_reciprocal_ranks_plain_loop():
@@ -66,20 +65,68 @@ def test_mrr_of_an_unconditioned_predictor_is_exactly_chance():
     """With conditioning=none the prediction is the same for every candidate of an image, so the true
     candidates' ranks are a permutation of 1..K: MRR = H_K / K exactly (candidates are all distinct)."""
     from engine.eval import mean_reciprocal_rank
-    from engine.models import IWM, make_target_encoder
+    from engine.ema import TargetEncoder
+    from engine.models import IWM
     from tests.engine.test_models import tiny_cfg
 
     cfg = tiny_cfg("none")
     cfg.eval.mrr_candidates = 40  # not a multiple of the chunk below
     torch.manual_seed(0)
     model = IWM(cfg).eval()
-    target = make_target_encoder(model.encoder)
+    target = TargetEncoder(model.encoder)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     mrr = mean_reciprocal_rank(model, target, images, cfg, generator=torch.Generator().manual_seed(2), chunk=16)
     assert mrr == pytest.approx(chance_mrr(40), abs=1e-9)
     cfg_f = tiny_cfg("feature")
     cfg_f.eval.mrr_candidates = 40
     model_f = IWM(cfg_f).eval()
-    mrr_f = mean_reciprocal_rank(model_f, make_target_encoder(model_f.encoder), images, cfg_f,
+    mrr_f = mean_reciprocal_rank(model_f, TargetEncoder(model_f.encoder), images, cfg_f,
                                  generator=torch.Generator().manual_seed(2), chunk=16)
     assert mrr_f != pytest.approx(chance_mrr(40), abs=1e-9)  # conditioned: predictions differ per action
+
+
+def test_an_oracle_predictor_scores_exactly_one():
+    """A predictor that returns, for each action, the true candidate's target features (computed here
+    independently: target encoder on the candidate view, its masked positions in order, F.layer_norm with
+    the configured eps) must rank every true candidate first. Catches targets that are not layer-normed,
+    gathered in another order, or paired with another candidate's action."""
+    import engine.eval as E
+    import torch.nn.functional as F
+    from engine.ema import TargetEncoder
+    from engine.models import IWM
+    from tests.engine.test_models import tiny_cfg
+
+    cfg = tiny_cfg("feature")
+    cfg.eval.mrr_candidates = 24
+    torch.manual_seed(0)
+    model = IWM(cfg).eval()
+    target = TargetEncoder(model.encoder)
+    record = {}
+    real_views = E.mrr_views
+
+    def spy_views(image, vcfg, k, generator=None):
+        source, candidates, actions = real_views(image, vcfg, k, generator)
+        record["candidates"], record["actions"] = candidates, actions
+        return source, candidates, actions
+
+    def oracle(context, masks, action):
+        outs = []
+        start = 0
+        for b in range(masks.batch_size):
+            k = [i for i in range(len(record["actions"])) if torch.equal(record["actions"][i], action[b])]
+            assert len(k) == 1
+            n = masks.target_counts[b]
+            pos = masks.target_idx[start:start + n]
+            feats = target.module(record["candidates"][k[0]][None])[0, pos]
+            outs.append(F.layer_norm(feats, feats.shape[-1:], eps=cfg.model.target_norm_eps))
+            start += n
+        return torch.cat(outs)
+
+    model.predictor.forward = oracle
+    E.mrr_views = spy_views
+    try:
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        mrr = E.mean_reciprocal_rank(model, target, images, cfg, generator=torch.Generator().manual_seed(2), chunk=10)
+    finally:
+        E.mrr_views = real_views
+    assert mrr == 1.0

@@ -3,11 +3,11 @@ same loss, gradients and EMA update as with the PyTorch references."""
 import pytest
 import torch
 
-from engine.ema import update_target
+from engine.ema import TargetEncoder
+from engine.loss import iwm_loss
 from engine.masks import MaskSampler
-from engine.models import IWM, make_target_encoder
+from engine.models import IWM
 from kernels import dispatch
-from kernels.l2_loss import masked_l2_loss
 from tests.engine.test_models import tiny_cfg
 
 
@@ -15,7 +15,7 @@ def one_step(backend):
     cfg = tiny_cfg("feature")
     torch.manual_seed(0)
     model = IWM(cfg)
-    target = make_target_encoder(model.encoder)
+    target = TargetEncoder(model.encoder)
     g = torch.Generator().manual_seed(1)
     masks = MaskSampler(cfg.masks, 4, 4).sample(3, g)
     source = torch.rand(3, 3, 32, 32, generator=g)
@@ -24,15 +24,15 @@ def one_step(backend):
     with dispatch.backend(backend):
         with torch.no_grad():
             feats = target(target_view)
-        loss = masked_l2_loss(model(source, masks, action), feats, masks.flat_target())
+        loss = iwm_loss(model(source, masks, action), feats, masks, cfg.model.target_norm_eps)
         loss.backward()
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
                     p.add_(p.grad, alpha=-0.1)
-        update_target(target, model.encoder, 0.9)
+        target.update(0.9)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {n: p.clone() for n, p in target.named_parameters()}
+    return loss.detach(), grads, {n: p.clone() for n, p in target.module.named_parameters()}
 
 
 def test_fused_and_reference_step_agree():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from engine.config import IWMConfig
 from engine.masks import MaskSampler
-from engine.models import IWM, Encoder, make_target_encoder, sincos_2d
+from engine.models import IWM, Encoder, sincos_2d
 
 
 def tiny_cfg(conditioning="feature", img=32, patch=8):
@@ -41,12 +41,25 @@ def test_sincos_formula():
     torch.testing.assert_close(pe[5], torch.stack(expected))
 
 
+def offsets(counts):
+    """[0, c0, c0+c1, ...]: where each sample's slice of a packed tensor starts."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
+
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
 def encoder_loop(enc: Encoder, images, masks):
-    """Plain per-sample forward: gather one sample's context patches, run timm blocks densely."""
+    """Plain per-sample forward: normalise, gather one sample's context patches, run timm blocks densely."""
     outs = []
-    x_all = enc.vit.patch_embed(images) + enc.vit.pos_embed
+    x_all = enc.vit.patch_embed((images - IMAGENET_MEAN) / IMAGENET_STD) + enc.vit.pos_embed
+    cu = offsets(masks.context_counts)
     for b in range(images.shape[0]):
-        idx = masks.context_idx[masks.context_cu[b]:masks.context_cu[b + 1]]
+        idx = masks.context_idx[cu[b]:cu[b + 1]]
         x = x_all[b:b + 1, idx]
         for blk in enc.vit.blocks:
             x = blk(x)
@@ -71,9 +84,10 @@ def predictor_loop(pred, context, masks, action):
     """Plain per-sample predictor: [ctx tokens, mask tokens (+ action tokens)] densely, no packing."""
     outs = []
     for b in range(masks.batch_size):
-        c = context[masks.context_cu[b]:masks.context_cu[b + 1]]
-        cpos = masks.context_idx[masks.context_cu[b]:masks.context_cu[b + 1]]
-        tpos = masks.target_idx[masks.target_cu[b]:masks.target_cu[b + 1]]
+        cc, tc = offsets(masks.context_counts), offsets(masks.target_counts)
+        c = context[cc[b]:cc[b + 1]]
+        cpos = masks.context_idx[cc[b]:cc[b + 1]]
+        tpos = masks.target_idx[tc[b]:tc[b + 1]]
         ctx = pred.embed(c) + pred.pos_embed[cpos]
         tok = pred.mask_token + pred.pos_embed[tpos]
         parts = [ctx]
@@ -117,15 +131,6 @@ def test_action_changes_prediction_only_when_conditioned(mode, changes):
     assert (not torch.allclose(a, b, atol=1e-6)) == changes
 
 
-def test_target_encoder_is_fp32_frozen_copy():
-    cfg = tiny_cfg()
-    enc = Encoder(cfg)
-    tgt = make_target_encoder(enc)
-    assert all(not p.requires_grad and p.dtype == torch.float32 for p in tgt.parameters())
-    for (n1, p1), (n2, p2) in zip(enc.named_parameters(), tgt.named_parameters()):
-        assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
-
-
 @pytest.mark.parametrize("name,patch,img", [("vit_tiny", 16, 224), ("vit_small", 14, 224), ("vit_tiny", 14, 98)])
 def test_named_sizes_and_patch_sizes(name, patch, img):
     cfg = IWMConfig()
@@ -151,10 +156,29 @@ def test_bad_sizes_are_clear_errors():
         cfg.validate()
 
 
-def test_target_encoder_params_tile_one_flat_buffer():
-    from kernels.ema import as_flat_view
+def test_images_are_normalised_once_with_imagenet_statistics():
+    """The patch embedding sees (x - mean) / std of the [0, 1] view: once, not twice, not never."""
+    cfg = tiny_cfg()
+    enc = Encoder(cfg).eval()
+    seen = []
+    enc.vit.patch_embed.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    enc(images)
+    torch.testing.assert_close(seen[0], (images - IMAGENET_MEAN) / IMAGENET_STD)
 
-    tgt = make_target_encoder(Encoder(tiny_cfg()))
-    params = sorted(tgt.parameters(), key=lambda p: p.data_ptr())
-    assert as_flat_view(params) is not None
-    assert tgt.flat_params.is_intact()
+
+@pytest.mark.parametrize("mode", ["feature", "sequence"])
+def test_activation_checkpointing_gives_equal_loss_and_gradients(mode):
+    cfg = tiny_cfg(mode)
+    images, masks, action = sample(cfg, 3, seed=4)
+    grads = []
+    for ckpt in (False, True):
+        cfg.train.activation_checkpointing = ckpt
+        torch.manual_seed(0)
+        model = IWM(cfg)
+        out = model(images, masks, action)
+        (out.float() ** 2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from engine.ema import update_target
+from engine.ema import TargetEncoder
 from engine.schedules import ema_momentum_at, lr_at, weight_decay_at
 
 
@@ -27,20 +27,47 @@ def test_weight_decay_cosine_and_ema_linear():
     assert ema_momentum_at(200, 100, 0.996, 1.0) == pytest.approx(1.0)
 
 
-def test_ema_update_matches_plain_loop():
+def test_ema_through_the_real_target_encoder_matches_float64_formula():
+    """TargetEncoder.update (the flat-buffer path training uses) against m*t + (1-m)*o in float64,
+    every parameter, twice (so a pairing or a buffer that goes stale is caught too)."""
+    from engine.models import Encoder
+    from tests.engine.test_models import tiny_cfg
+
     torch.manual_seed(0)
-    online = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
-    target = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
-    expected = {}
-    m = 0.9
-    for (name, t), o in zip(target.named_parameters(), online.parameters()):
-        expected[name] = [m * t[i].item() + (1 - m) * o[i].item() for i in range(t.shape[0])] if t.ndim == 1 else \
-            [[m * t[i, j].item() + (1 - m) * o[i, j].item() for j in range(t.shape[1])] for i in range(t.shape[0])]
-    update_target(target, online, m)
-    for name, t in target.named_parameters():
-        torch.testing.assert_close(t, torch.tensor(expected[name]), atol=1e-6, rtol=1e-6)
+    online = Encoder(tiny_cfg())
+    target = TargetEncoder(online)
+    for m in (0.9, 0.75):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(torch.randn_like(p) * 0.1)  # the optimizer moved the online encoder
+        before = {n: p.double().clone() for n, p in target.module.named_parameters()}
+        online_now = {n: p.double().clone() for n, p in online.named_parameters()}
+        target.update(m)
+        for n, p in target.module.named_parameters():
+            expected = m * before[n] + (1 - m) * online_now[n]
+            torch.testing.assert_close(p.double(), expected, rtol=0, atol=1e-6, msg=n)
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in target.parameters())
+    assert not target.module.training
+
+
+def test_target_encoder_is_a_separate_copy():
+    from engine.models import Encoder
+    from tests.engine.test_models import tiny_cfg
+
+    online = Encoder(tiny_cfg())
+    target = TargetEncoder(online)
+    for (n1, p1), (n2, p2) in zip(online.named_parameters(), target.module.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
+    assert target.flat.numel() == sum(p.numel() for p in online.parameters())
 
 
 def test_ema_refuses_mismatched_modules():
-    with pytest.raises(ValueError, match="differ"):
-        update_target(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.5)
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2)
+
+    target = TargetEncoder(Two())
+    target._online_params = target._online_params[:1]  # noqa: the pairing must cover every parameter
+    with pytest.raises(ValueError):
+        target.update(0.5)

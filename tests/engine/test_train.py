@@ -71,7 +71,7 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
     assert result.step == 50
     steps = [int(float(r["step"])) for r in read_metrics(copy) if r.get("loss")]
     assert steps == list(range(2, 51, 2)), "metrics history must continue without gaps or repeats"
-    assert torch.load(copy / "checkpoint.pt", weights_only=False)["step"] == 50
+    assert torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == 50
 
 
 @pytest.mark.slow
@@ -194,16 +194,20 @@ def test_resume_restores_weights_and_target_encoder(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_fresh_start_replaces_the_old_run(trained_run, tmp_path):
-    from engine.checkpoint import latest_ds_tag
+def test_fresh_start_moves_the_old_run_aside(trained_run, tmp_path):
+    from engine.checkpoint import RunDir
     from engine.train import train
 
     out, _ = trained_run
     copy = tmp_path / "fresh"
     shutil.copytree(out, copy)
+    old_weights = (copy / "checkpoint.pt").read_bytes()
     cfg = tiny_config(copy, 4)
     cfg.train.resume = False
     train(cfg)
-    assert latest_ds_tag(str(copy / "ds")) == "step_00000004"
-    assert sorted(d for d in os.listdir(copy / "ds") if d.startswith("step_")) == ["step_00000004"]
-    assert torch.load(copy / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert RunDir(str(copy)).tags() == ["step_00000004"]
+    assert torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == 4
+    previous = list((copy / "previous").iterdir())
+    assert len(previous) == 1, "the old run is kept, not deleted"
+    assert (previous[0] / "checkpoint.pt").read_bytes() == old_weights
+    assert (previous[0] / "ds" / "step_00000040").is_dir()
