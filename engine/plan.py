@@ -292,7 +292,8 @@ class MemoryPlan:
     peak_phase: str  # target_forward | backward | optimizer_step
     # full sizes, for reference
     activations_full: float
-    grads_full: float
+    grads_full: float  # module gradients of one backward pass
+    grads_step: float  # gradients held through the optimizer step (module and/or fp32 partitions)
 
     def gib(self) -> Dict[str, float]:
         return {k: v / GiB for k, v in asdict(self).items() if isinstance(v, float)}
@@ -396,7 +397,8 @@ def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpo
     total = persistent + phases[peak_phase]
     return MemoryPlan(stage, checkpointing, float(params), float(grads_at_peak), float(optimizer),
                       float(master), float(ema), float(acts_at_peak), float(buffers), float(overhead_bytes),
-                      float(total), peak_phase, float(acts_full + extra_bwd), float(grads_full))
+                      float(total), peak_phase, float(acts_full + extra_bwd), float(grads_full),
+                      float(step_grads))
 
 
 # ----------------------------------------------------------------------------------------------------
