@@ -584,6 +584,8 @@ def format_plan(result: dict) -> str:
     lines.append(f"epoch = {result['dataset_images']:,} ImageNet-1k images; run = {result['epochs']:g} epochs; "
                  f"step = compute + communication (not overlapped) + AdamW/EMA at HBM bandwidth. "
                  f"Formulas: docs/plan.md")
+    lines.append("grads at a backward peak: stage 1 holds none yet (they appear as activations are freed); "
+                 "the gradients held through the optimizer step are 'grads_step' in --json")
     return "\n".join(lines)
 
 
