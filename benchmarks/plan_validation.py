@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/plan_validation.py [--json benchmarks/results/plan_validation.json]
 
 Each config runs in its own subprocess: it builds ``engine.models.IWM`` and its fp32 target encoder
-(``make_target_encoder``), a torch AdamW, draws masks from ``engine.masks.MaskSampler`` and runs two
+(``engine.ema.TargetEncoder``), a torch AdamW, draws masks from ``engine.masks.MaskSampler`` and runs two
 forward + backward + step iterations (the second one with the AdamW moments allocated, as in a run).
 The measured figure is the peak resident set size (``ru_maxrss``) minus the RSS after imports.
 ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB so that glibc serves every tensor from mmap and returns
@@ -58,7 +58,8 @@ def measure_in_process(name: str, steps: int = 2) -> dict:
     import torch
 
     from engine.masks import MaskSampler
-    from engine.models import IWM, make_target_encoder
+    from engine.ema import TargetEncoder
+    from engine.models import IWM
     from kernels.l2_loss import masked_l2_loss
 
     torch.set_num_threads(1)
@@ -67,7 +68,7 @@ def measure_in_process(name: str, steps: int = 2) -> dict:
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.manual_seed(0)
     model = IWM(cfg)
-    target_encoder = make_target_encoder(model.encoder)
+    target_encoder = TargetEncoder(model.encoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sampler = MaskSampler(cfg.masks, *model.encoder.grid)
     gen = torch.Generator().manual_seed(0)
