@@ -14,6 +14,7 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine.config import IWMConfig
+from engine.data import build_dataset
 from engine.ema import TargetEncoder
 from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
 from engine.loss import iwm_loss
@@ -71,7 +72,11 @@ class Pretraining:
         """The held-out MRR images (every rank loads them before DeepSpeed starts: a bad folder stops all)."""
         self.eval_images = load_eval_images(self.cfg, self.cfg.eval.mrr_images, split="val", device=self.device)
 
-    def step(self, engine, images: torch.Tensor, autocast: Callable) -> StepOutput:
+    def train_dataset(self):
+        """Images with the shared crop + flip applied in the loader (labels are not used)."""
+        return build_dataset(self.cfg.data, self.cfg.views, split="train")
+
+    def step(self, engine, images: torch.Tensor, labels: torch.Tensor, autocast: Callable) -> StepOutput:
         return pretrain_step(self.cfg, engine, self.target_encoder, images, self.mask_sampler, self.view_gen,
                              self.mask_gen, autocast)
 

@@ -8,7 +8,9 @@ accumulation, meters and logs, periodic evaluation, checkpoints and exact resume
 A task provides::
 
     model                                     the nn.Module the optimizer trains (DeepSpeed wraps it)
-    step(engine, images, autocast)            -> StepOutput (.loss, fp32 scalar before backward)
+    train_dataset()                           the training set, yielding (uint8 image [3, H, W], label)
+    step(engine, images, labels, autocast)    -> StepOutput (.loss, fp32 scalar before backward); images
+                                              float [B, 3, H, W] in [0, 1] on the device, labels [B]
     after_update(step, total)                 -> dict of logged values (e.g. the EMA momentum)
     tokens(out)                               -> {"context": n, "target": n} for the FLOPs estimate
     load_eval_data(); evaluate(module, autocast) -> {"mrr": ...}  (main rank), chance (or None)
@@ -35,7 +37,7 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine.config import ConfigError, IWMConfig
-from engine.data import build_dataset, build_loader, to_float_images
+from engine.data import build_loader, to_float_images
 from engine.distributed import DistInfo, all_reduce_sum, barrier
 from engine.flops import device_peak_flops, step_flops
 from engine.metrics import MetricLogger
@@ -185,7 +187,7 @@ class Run:
         dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
         with self.dir.lock(enabled=info.is_main):
             resume_tag = self._resume_tag()
-            loader, sched = self._data()
+            loader, sched = self._data(task)
             task.load_eval_data()
             engine = self._engine(task)
             step = self._resume(engine, task, resume_tag) if resume_tag else 0
@@ -197,8 +199,9 @@ class Run:
             meters = Meters(self.device)
             for step, micro_batches in self._optimizer_steps(loader, sched, step):
                 lr, wd = sched.apply(engine.optimizer, cfg, step)
-                for images in micro_batches:
-                    out = task.step(engine, to_float_images(images, self.device), self.autocast)
+                for images, labels in micro_batches:
+                    out = task.step(engine, to_float_images(images, self.device),
+                                    labels.to(self.device, non_blocking=True), self.autocast)
                     engine.backward(out.loss)
                     engine.step()
                     meters.add(out.loss, images.shape[0], task.tokens(out))
@@ -215,7 +218,7 @@ class Run:
             bar.close()
             return self._finish(step, results, loader)
 
-    def _optimizer_steps(self, loader, sched: Schedule, step: int) -> Iterator[Tuple[int, List[torch.Tensor]]]:
+    def _optimizer_steps(self, loader, sched: Schedule, step: int) -> Iterator[Tuple[int, List[tuple]]]:
         """(step, the micro-batches of that optimizer step) from ``step`` on; a resumed run continues the
         epoch's order where it stopped."""
         accum = self.accum
@@ -223,9 +226,9 @@ class Run:
         loader.sampler.skip_batches(within * accum)
         while step < sched.total:
             loader.sampler.set_epoch(epoch)
-            batches: List[torch.Tensor] = []
-            for images, _ in loader:
-                batches.append(images)
+            batches: List[tuple] = []
+            for images, labels in loader:
+                batches.append((images, torch.as_tensor(labels)))
                 if len(batches) == accum:
                     yield step, batches
                     step, batches = step + 1, []
@@ -247,9 +250,9 @@ class Run:
                 check_resume_config(saved, self.cfg, self.dir.path)
         return tag
 
-    def _data(self):
+    def _data(self, task):
         cfg, info = self.cfg, self.info
-        dataset = build_dataset(cfg.data, cfg.views, split="train")
+        dataset = task.train_dataset()
         if hasattr(dataset, "verify") and len(dataset) <= VERIFY_UP_TO:
             dataset.verify()  # an image folder: drop unreadable files up front when that is cheap
         if hasattr(dataset, "summary") and info.is_main:
