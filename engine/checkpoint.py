@@ -83,17 +83,26 @@ def safe_load(path: str, map_location="cpu") -> Any:
 # ----------------------------------------------------------------------------------------------------
 # The weights file (checkpoint.pt)
 # ----------------------------------------------------------------------------------------------------
-def save_weights(path: str, *, config: dict, step: int, encoder, predictor, target_encoder,
-                 metrics: Optional[dict] = None) -> None:
-    atomic_save({
-        "format": FORMAT,
-        "config": config,
-        "step": step,
-        "encoder": encoder.state_dict(),
-        "predictor": predictor.state_dict(),
-        "target_encoder": target_encoder.state_dict(),
-        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
-    }, path)
+def weights_payload(*, config: dict, step: int, encoder, predictor, target_encoder,
+                    metrics: Optional[dict] = None) -> dict:
+    """What ``checkpoint.pt`` holds (tensors copied: safe to keep after a ZeRO-3 gather is released)."""
+    copy = lambda m: {k: v.detach().clone().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+    return {"format": FORMAT, "config": config, "step": step, "encoder": copy(encoder),
+            "predictor": copy(predictor), "target_encoder": copy(target_encoder),
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
+
+
+def write_weights(path: str, payload: dict) -> None:
+    """``checkpoint.pt`` and, beside it, ``model.safetensors`` (the same tensors, prefixed by part, with the
+    config and step as JSON metadata) for tools that read safetensors."""
+    from safetensors.torch import save_file
+
+    atomic_save(payload, path)
+    tensors = {f"{part}.{k}": v.contiguous() for part in ("encoder", "predictor", "target_encoder")
+               for k, v in payload[part].items()}
+    meta = {"format": FORMAT, "config": json.dumps(payload["config"]), "step": str(payload["step"])}
+    atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), "model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -187,7 +196,7 @@ def _all_ok(ok: bool) -> bool:
 class RunDir:
     """One run directory: its lock, its checkpoints, its config."""
 
-    MOVABLE = ("ds", "checkpoint.pt", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
+    MOVABLE = ("ds", "checkpoint.pt", "model.safetensors", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
                "linear.json")
 
     def __init__(self, path: str):

@@ -253,10 +253,6 @@ class TrainConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage={self.zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
-        if self.zero_stage == 3:
-            raise ConfigError("train.zero_stage=3 is not supported yet: the EMA update and checkpoint.pt need "
-                              "the full encoder weights on every rank; use 0, 1 or 2 (2 partitions gradients "
-                              "and optimizer states)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision={self.precision!r}: use auto, bf16 or fp32")
         if self.kernels not in ("auto", "triton", "reference"):

@@ -60,3 +60,21 @@ def all_reduce_sum(value, device) -> float:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.item()
+
+
+def is_partitioned(params) -> bool:
+    """True if these are ZeRO-3 parameters (each rank holds a shard; ``p.data`` is empty outside forward)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def gathered(params):
+    """A context in which every parameter of ``params`` is whole on every rank (a collective under ZeRO-3,
+    read-only: changes made inside are not written back); a no-op otherwise."""
+    import contextlib
+
+    params = list(params)
+    if not is_partitioned(params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

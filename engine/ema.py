@@ -4,6 +4,12 @@
 in, and the pairing of each of its parameters with the online encoder's, so the update
 ``target <- m * target + (1 - m) * online`` is one call (one kernel launch on CUDA, ``kernels/ema.py``).
 The target encoder is never trained and never given to the optimizer; it runs in eval mode.
+
+Under ZeRO-3 the online encoder is partitioned but the target encoder stays whole (replicated, fp32) on
+every rank: its forward needs every weight at every step, so partitioning it would add one all-gather of
+it per step (4 bytes per parameter over the network) to save 4 bytes per parameter of memory per GPU. The
+update gathers the online shards (read-only, no ``modifier_rank``: nothing is written back into them)
+and every rank applies the same fp32 update to its own copy, so the copies stay identical.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from engine.distributed import gathered
 from kernels.ema import FlatBuffer, ema_update_flat_
 
 
@@ -50,7 +57,8 @@ class TargetEncoder:
         if not self.buffer.is_intact():
             raise RuntimeError("the target encoder's parameters were re-homed away from its flat buffer "
                                "(e.g. by .to() or load_state_dict(assign=True)); use load_state_dict()")
-        ema_update_flat_(self.buffer.flat, [p.detach() for p in self._online_params], momentum)
+        with gathered(self._online_params):  # ZeRO-3: the online shards, gathered read-only for the update
+            ema_update_flat_(self.buffer.flat, [p.detach() for p in self._online_params], momentum)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()

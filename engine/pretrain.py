@@ -15,6 +15,7 @@ import torch
 from engine import checkpoint as ckpt_lib
 from engine.config import IWMConfig
 from engine.data import build_dataset
+from engine.distributed import gathered
 from engine.ema import TargetEncoder
 from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
 from engine.loss import iwm_loss
@@ -113,8 +114,12 @@ class Pretraining:
         self.view_gen.set_state(state["view_gen"])
         self.mask_gen.set_state(state["mask_gen"])
 
-    def export(self, path: str, module, step: int, metrics: Dict[str, float]) -> None:
-        """The consolidated weights file that eval and finetuning load."""
-        ckpt_lib.save_weights(path, config=self.cfg.to_dict(), step=step, encoder=module.encoder,
-                              predictor=module.predictor, target_encoder=self.target_encoder.module,
-                              metrics=metrics)
+    def export(self, module, step: int, metrics: Dict[str, float]) -> Optional[dict]:
+        """The consolidated weights that eval and finetuning load (``checkpoint.pt``). Every rank calls it
+        (under ZeRO-3 it gathers the shards); rank 0 gets the payload, the others None."""
+        with gathered(module.parameters()):
+            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                return None
+            return ckpt_lib.weights_payload(config=self.cfg.to_dict(), step=step, encoder=module.encoder,
+                                            predictor=module.predictor, target_encoder=self.target_encoder.module,
+                                            metrics=metrics)

@@ -16,7 +16,7 @@ A task provides::
     load_eval_data(); evaluate(module, autocast) -> {"mrr": ...}  (main rank), chance (or None)
     state_dict() / load_state_dict(d)         what the checkpoint holds besides DeepSpeed's state
     rng_state() / load_rng_state(d)           the task's random streams (per rank)
-    export(path, module, step, metrics)       the consolidated weights file
+    export(module, step, metrics)             the consolidated weights (every rank calls it; rank 0 gets them)
 
 Host synchronisation: the step loop never reads a device value; losses and a non-finite count are
 accumulated on the device and read at log, eval and checkpoint steps only. A non-finite loss stops every
@@ -339,8 +339,9 @@ class Run:
     def _evaluate(self, step: int, sched, meters: Meters, task, engine, bar) -> Dict[str, float]:
         self._check_finite(step, meters)
         results: Dict[str, float] = {}
-        if self.info.is_main:
+        if self.info.is_main or self.cfg.train.zero_stage == 3:  # ZeRO-3: forwards gather, every rank runs them
             results = task.evaluate(engine.module, self.autocast)
+        if self.info.is_main:
             self.metrics.log(step, **results)
             self.metrics.plot(chance_mrr=getattr(task, "chance", None))
             bar.set_postfix({k: f"{v:.3f}" for k, v in results.items()})
@@ -350,9 +351,10 @@ class Run:
     def _save(self, step: int, sched, meters: Meters, engine, task, loader, results) -> None:
         self._check_finite(step, meters)
         rng = {"task": task.rng_state(), "global": ckpt_lib.global_rng_state()}
+        weights = task.export(engine.module, step, results)  # every rank: a gather under ZeRO-3
         self.dir.save(engine, step, client=task.state_dict(), rng=rng, info=self.info,
                       keep=self.cfg.train.keep_checkpoints,
-                      export=lambda path: task.export(path, engine.module, step, results))
+                      export=lambda path: ckpt_lib.write_weights(path, weights))
 
     def _finish(self, step: int, results: Dict[str, float], loader) -> RunResult:
         plot = self.metrics.plot(chance_mrr=None) if self.info.is_main else None
