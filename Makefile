@@ -24,8 +24,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch)
+# kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch);
+# first every Triton kernel compiled for sm_80 / sm_90 (no GPU needed): registers, spills, shared memory
 bench: $(STAMP)
+	$(BIN)/python benchmarks/compile_table.py --check --out benchmarks/results/kernels_resources.json
 	$(BIN)/python benchmarks/kernels_table.py --out benchmarks/results/kernels.json
 	$(BIN)/python benchmarks/attention_table.py --out benchmarks/results/attention.json
 	$(BIN)/python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable -q

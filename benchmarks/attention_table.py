@@ -2,15 +2,15 @@
 
     python benchmarks/attention_table.py [--quick] [--out benchmarks/results/attention.json]
 
-Each sample keeps its own number of context tokens (the complement of 4 target blocks, drawn by
-``engine.masks.MaskSampler`` with the default config), packed into one sequence with per-sample lengths.
+Each sample keeps its own number of context tokens (the complement of the target blocks, drawn by
+``engine.masks.MaskSampler`` with the recipe's mask config), packed into one sequence with per-sample lengths.
 (The predictor's sequences are context + all targets = every patch, so they are not ragged.) Backends
 (``kernels/attention.py``): ``xformers`` (block-diagonal mask over the packed sequence, CUDA only),
 ``sdpa`` (padded to the longest sample with a key-padding mask), ``dense-bias`` (SDPA over the whole
 packed sequence with a materialised [T, T] block-diagonal bias: what a naive block-diagonal costs) and
-``reference`` (a per-sample loop). Shapes: ViT-B/16 (768 wide, 12 heads, 14x14 patches) and ViT-H/14
-(1280 wide, 16 heads, 16x16 patches), batch 128 on CUDA in bf16; on CPU a batch of 4 in fp32 (said in
-the output).
+``reference`` (a per-sample loop). Shapes: the encoders of the ViT-B/16 and ViT-H/14 recipes (width,
+heads, patch grid and masks from their configs, see ``benchmarks/kernels_table.py``), batch 128 on CUDA
+in bf16; on CPU a batch of 4 in fp32 (said in the output).
 """
 from __future__ import annotations
 
@@ -26,15 +26,7 @@ import torch  # noqa: E402
 
 import kernels_table as kt  # noqa: E402
 from kernels import attention as A  # noqa: E402
-
-SHAPES = {"ViT-B/16": dict(width=768, heads=12, grid=14), "ViT-H/14": dict(width=1280, heads=16, grid=16)}
-
-
-def seqlens(batch: int, grid: int, seed: int = 0):
-    from engine.config import MaskConfig
-    from engine.masks import MaskSampler
-
-    return MaskSampler(MaskConfig(), grid, grid).sample(batch, torch.Generator().manual_seed(seed)).context_counts
+from tests.kernels.attention_helpers import attention_with_bias, block_diagonal_bias  # noqa: E402
 
 
 def run(quick: bool, out, device: torch.device) -> dict:
@@ -44,17 +36,17 @@ def run(quick: bool, out, device: torch.device) -> dict:
     rows = []
     if device.type != "cuda":
         print(f"CPU: batch {batch} instead of 128, fp32; xformers needs CUDA and is skipped")
-    for recipe, s in SHAPES.items():
-        lens = seqlens(batch, s["grid"])
-        T, H, Dh = sum(lens), s["heads"], s["width"] // s["heads"]
+    for recipe, s in kt.RECIPES.items():
+        _, lens = kt.recipe_counts(recipe, batch)  # context tokens per sample, the recipe's masks
+        T, H, Dh = sum(lens), s["heads"], s["enc_width"] // s["heads"]
         qkv = [torch.randn(T, H, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
         bias = None
 
         def step(backend):
             nonlocal bias
             if backend == "dense-bias":
-                bias = A.block_diagonal_bias(lens, device=device, dtype=dtype)
-                out_ = A.attention_with_bias(*qkv, bias)
+                bias = block_diagonal_bias(lens, device=device, dtype=dtype)
+                out_ = attention_with_bias(*qkv, bias)
             else:
                 out_ = A.ragged_attention(*qkv, lens, backend=backend)
             out_.float().sum().backward()

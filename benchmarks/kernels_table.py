@@ -2,12 +2,11 @@
 
     python benchmarks/kernels_table.py [--out benchmarks/results/kernels.json] [--quick]
 
-Shapes come from the two pretraining recipes (PAPER.md, I-JEPA defaults):
-
-* ViT-B/16: batch 128 / GPU, 196 patches, encoder width 768, predictor width 384, 12 blocks.
-* ViT-H/14: batch 128 / GPU at 224 px -> 256 patches, encoder width 1280, predictor width 512, 32 blocks.
-* about 45% of the patches are targets (4 blocks of 15-20%, overlapping), the rest is context; per-sample
-  counts vary (ragged, packed).
+Shapes come from the two pretraining recipes, loaded from ``recipes/pretrain_vitb_equi.py`` (ViT-B/16,
+predictor 384 wide) and ``recipes/pretrain_vith.py`` (ViT-H/14, predictor 512 wide) by
+:func:`recipe_shapes`: batch per GPU, patch grid, encoder and predictor widths, action dimension, the
+encoder's parameter tensors (the module built on the meta device), and ragged per-sample target /
+context counts drawn by the engine's mask sampler with the recipe's mask config.
 
 Each row times one forward + backward (the EMA: one update) and measures the peak memory it allocates
 on top of its inputs. On CUDA the fused rows run the Triton kernels and every row also reports achieved
@@ -31,8 +30,11 @@ import platform
 import statistics
 import sys
 import time
+import copy
+import functools
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -41,18 +43,59 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from kernels import dispatch  # noqa: E402
-from kernels.ema import FlatBuffer, ema_update_flat_, ema_update_foreach_, ema_update_reference  # noqa: E402
+from kernels.ema import FlatBuffer, ema_update_flat_, ema_update_reference  # noqa: E402
 from kernels.feature_conditioning import FeatureConditioningFunction, feature_conditioning_reference  # noqa: E402
 from kernels.gather import GatherTokensFunction, gather_tokens_reference  # noqa: E402
 from kernels.l2_loss import MaskedL2LossFunction, masked_l2_loss_reference  # noqa: E402
 
-ACTION_DIM = 7
-TARGET_FRAC = 0.45
+RECIPE_FILES = {"ViT-B/16": "recipes/pretrain_vitb_equi.py", "ViT-H/14": "recipes/pretrain_vith.py"}
 
-RECIPES = {
-    "ViT-B/16": dict(batch=128, patches=196, enc_width=768, pred_width=384, depth=12, patch=16),
-    "ViT-H/14": dict(batch=128, patches=256, enc_width=1280, pred_width=512, depth=32, patch=14),
-}
+
+def load_recipe_config(path: str):
+    """The ``config()`` of a recipe file (path relative to the repository root)."""
+    spec = importlib.util.spec_from_file_location(f"_recipe_{os.path.basename(path)[:-3]}", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config()
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_shapes(name: str) -> dict:
+    """Kernel-relevant sizes of recipe ``name`` (a key of :data:`RECIPE_FILES`), from its config."""
+    cfg = load_recipe_config(RECIPE_FILES[name])
+    width, depth, heads = cfg.model.encoder_dims()
+    grid = cfg.data.img_size // cfg.model.patch_size
+    return dict(cfg=cfg, batch=cfg.data.batch_size, grid=grid, patches=grid * grid, enc_width=width, depth=depth,
+                heads=heads, patch=cfg.model.patch_size, pred_width=cfg.model.predictor_width,
+                action_dim=cfg.views.action_dim)
+
+
+RECIPES = {name: recipe_shapes(name) for name in RECIPE_FILES}
+
+
+def encoder_param_shapes(recipe: str, depth: Optional[int] = None) -> List[Tuple[int, ...]]:
+    """Parameter shapes of the recipe's encoder (built on the meta device: no memory, no init cost);
+    ``depth`` replaces the number of blocks (the CPU run's reduced EMA)."""
+    from engine.models import Encoder
+
+    cfg = RECIPES[recipe]["cfg"]
+    if depth is not None:
+        cfg = copy.deepcopy(cfg)
+        width, _, heads = cfg.model.encoder_dims()
+        cfg.model.encoder, cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads = "custom", width, depth, heads
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in Encoder(cfg).parameters()]
+
+
+def recipe_counts(recipe: str, batch: int, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Per-sample target and context token counts of one batch, drawn by the engine's mask sampler
+    with the recipe's mask config (ragged: they vary per sample)."""
+    from engine.masks import MaskSampler
+
+    r = RECIPES[recipe]
+    masks = MaskSampler(r["cfg"].masks, r["grid"], r["grid"]).sample(batch, torch.Generator().manual_seed(seed))
+    return list(masks.target_counts), list(masks.context_counts)
+
 
 # HBM peak bandwidth (GB/s) by device name, used when the driver does not report clock and bus width
 _PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
@@ -63,7 +106,7 @@ _PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3
 # Analytic bytes moved (HBM reads + writes, forward + backward)
 # ----------------------------------------------------------------------------------------------------
 def bytes_moved(op: str, *, B: int, N: int, D: int, T: int, H: Optional[int] = None, Dout: Optional[int] = None,
-                A: int = ACTION_DIM, act: int = 2, params: int = 0, online: int = 4) -> Dict[str, Dict]:
+                A: int = 7, act: int = 2, params: int = 0, online: int = 4) -> Dict[str, Dict]:
     """Estimated bytes each implementation reads + writes for one forward + backward (EMA: one update).
 
     ``act``: bytes per activation element (2 = bf16 under autocast, 4 = fp32). Counted: every
@@ -152,33 +195,12 @@ def bytes_moved(op: str, *, B: int, N: int, D: int, T: int, H: Optional[int] = N
     raise ValueError(op)
 
 
-def vit_param_shapes(width: int, depth: int, patch: int, mlp_ratio: float = 4.0) -> List[tuple]:
-    """Parameter shapes of a timm-style ViT encoder (fixed sin-cos positions: not a parameter)."""
-    hidden = int(width * mlp_ratio)
-    shapes = [(width, 3, patch, patch), (width,)]
-    for _ in range(depth):
-        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
-                   (width,), (width,), (hidden, width), (hidden,), (width, hidden), (width,)]
-    shapes += [(width,), (width,)]
-    return shapes
-
-
-def recipe_counts(r: dict, batch: int):
-    """Per-sample target / context counts (ragged around TARGET_FRAC), totals T_tgt, T_ctx."""
-    N = r["patches"]
-    g = torch.Generator().manual_seed(0)
-    frac = TARGET_FRAC + 0.1 * (torch.rand(batch, generator=g) - 0.5)
-    n_tgt = [max(1, min(N - 1, int(round(float(f) * N)))) for f in frac]
-    n_ctx = [N - k for k in n_tgt]
-    return n_tgt, n_ctx
-
-
 def bytes_table_vith14(act: int = 2) -> Dict[str, Dict]:
     r = RECIPES["ViT-H/14"]
     B, N = r["batch"], r["patches"]
-    n_tgt, n_ctx = recipe_counts(r, B)
+    n_tgt, n_ctx = recipe_counts("ViT-H/14", B)
     T_tgt, T_ctx = sum(n_tgt), sum(n_ctx)
-    n_params = sum(math.prod(s) for s in vit_param_shapes(r["enc_width"], r["depth"], r["patch"]))
+    n_params = sum(math.prod(s) for s in encoder_param_shapes("ViT-H/14"))
     return {
         "shapes": dict(B=B, N=N, enc_width=r["enc_width"], pred_width=r["pred_width"], T_target=T_tgt,
                        T_context=T_ctx, encoder_params=n_params, activation_bytes=act),
@@ -187,7 +209,7 @@ def bytes_table_vith14(act: int = 2) -> Dict[str, Dict]:
         "masked_l2_loss (targets, enc width)": bytes_moved("masked_l2_loss", B=B, N=N, D=r["enc_width"],
                                                            T=T_tgt, act=act),
         "feature_conditioning (pred width)": bytes_moved("feature_conditioning", B=B, N=N, D=r["pred_width"],
-                                                         T=T_tgt, act=act),
+                                                         T=T_tgt, A=r["action_dim"], act=act),
         "ema_update (online fp32)": bytes_moved("ema_update", B=B, N=N, D=0, T=0, params=n_params, online=4),
         "ema_update (online bf16)": bytes_moved("ema_update", B=B, N=N, D=0, T=0, params=n_params, online=2),
     }
@@ -303,12 +325,12 @@ def _pack_idx(counts: List[int], N: int, device, gen) -> torch.Tensor:
 def build_cases(recipe: str, batch: int, device: torch.device, ema_depth: Optional[int] = None,
                 ops: Optional[List[str]] = None) -> List[Case]:
     r = RECIPES[recipe]
-    N, De, Dp = r["patches"], r["enc_width"], r["pred_width"]
+    N, De, Dp, A = r["patches"], r["enc_width"], r["pred_width"], r["action_dim"]
     cuda = device.type == "cuda"
     act_dtype = torch.bfloat16 if cuda else torch.float32
     act = 2 if cuda else 4
     gen = torch.Generator().manual_seed(0)
-    n_tgt, n_ctx = recipe_counts(r, batch)
+    n_tgt, n_ctx = recipe_counts(recipe, batch)
     T_tgt, T_ctx = sum(n_tgt), sum(n_ctx)
     ops = ops or ["gather_tokens", "masked_l2_loss", "feature_conditioning", "ema_update"]
     cases = []
@@ -346,8 +368,8 @@ def build_cases(recipe: str, batch: int, device: torch.device, ema_depth: Option
     if "feature_conditioning" in ops:
         def p(*shape, s=0.02):
             return (torch.randn(*shape, generator=gen) * s).to(device).requires_grad_()
-        mt, pe, ac = p(Dp), p(N, Dp, s=1.0), p(batch, ACTION_DIM, s=1.0)
-        w1, b1, w2, b2, w3, b3 = p(Dp, Dp + ACTION_DIM), p(Dp), p(Dp, Dp), p(Dp), p(Dp, Dp), p(Dp)
+        mt, pe, ac = p(Dp), p(N, Dp, s=1.0), p(batch, A, s=1.0)
+        w1, b1, w2, b2, w3, b3 = p(Dp, Dp + A), p(Dp), p(Dp, Dp), p(Dp), p(Dp, Dp), p(Dp)
         pos = torch.cat([torch.randperm(N, generator=gen)[:k] for k in n_tgt]).to(device)
         bat = torch.cat([torch.full((k,), i) for i, k in enumerate(n_tgt)]).to(device)
         args = (mt, pe, pos, ac, bat, w1, b1, w2, b2, w3, b3)
@@ -362,19 +384,20 @@ def build_cases(recipe: str, batch: int, device: torch.device, ema_depth: Option
         impls = {"unfused": grad_step(under_autocast(lambda: feature_conditioning_reference(*args)), leaves)}
         if cuda:
             impls["fused"] = grad_step(under_autocast(lambda: FeatureConditioningFunction.apply(*args)), leaves)
-        b = bytes_moved("feature_conditioning", B=batch, N=N, D=Dp, T=T_tgt, act=act)
-        cases.append(Case("feature_conditioning", recipe, f"T={T_tgt} N={N} D=H={Dp} A={ACTION_DIM}", impls,
+        b = bytes_moved("feature_conditioning", B=batch, N=N, D=Dp, T=T_tgt, A=A, act=act)
+        cases.append(Case("feature_conditioning", recipe, f"T={T_tgt} N={N} D=H={Dp} A={A}", impls,
                           {k: v["total"] for k, v in b.items()}))
 
     if "ema_update" in ops:
         depth = ema_depth if ema_depth is not None else r["depth"]
-        shapes = vit_param_shapes(De, depth, r["patch"])
+        shapes = encoder_param_shapes(recipe, depth=ema_depth)
         n_params = sum(math.prod(s) for s in shapes)
         t_params = [torch.randn(s, generator=gen).to(device) for s in shapes]
         o_params = [torch.randn(s, generator=gen).to(device) for s in shapes]
         fb = FlatBuffer([torch.nn.Parameter(t.clone(), requires_grad=False) for t in t_params])
+        # foreach: the multi-tensor baseline a flat buffer is measured against (torch._foreach_lerp_)
         impls = {"loop (reference)": lambda: ema_update_reference(t_params, o_params, 0.996),
-                 "foreach": lambda: ema_update_foreach_(t_params, o_params, 0.996)}
+                 "foreach": lambda: torch._foreach_lerp_(t_params, o_params, 1.0 - 0.996)}
         if cuda:
             impls["fused"] = lambda: ema_update_flat_(fb.flat, o_params, 0.996)
         b = bytes_moved("ema_update", B=0, N=0, D=0, T=0, params=n_params, online=4)

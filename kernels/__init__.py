@@ -8,9 +8,16 @@ Nothing here imports ``engine/``.
                                                         + gradient, one pass
 ``kernels.feature_conditioning.feature_conditioning``   action-conditioned mask tokens: per-position fc1
                                                         + gather + GELU, fused backward
-``kernels.ema.ema_update_(target, online, m)``          target-encoder EMA; one launch over a FlatBuffer
-``kernels.attention``                                   ragged attention backends
+``kernels.ema.ema_update_flat_(flat, online, m)``       target-encoder EMA over a ``FlatBuffer``: one
+                                                        launch (online: a list of tensors or one flat
+                                                        partition)
+``kernels.attention.ragged_attention``                  ragged attention backends
+``kernels.aot``                                         compile every kernel for sm_80 / sm_90 without a
+                                                        GPU; registers, spills, shared memory
 =====================================================  ==================================================
+
+Backends and tiles are chosen in :mod:`kernels.dispatch` (``configure``, ``backend``, ``tiles``,
+``use_tiles``, ``TILE_POLICIES``).
 
 Import the ops from their modules (``from kernels.l2_loss import masked_l2_loss``). They are not
 re-exported here on purpose: ``kernels.feature_conditioning`` must stay the module, not the function.

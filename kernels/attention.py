@@ -12,26 +12,24 @@ which the engine calls with ``train.attention``):
 - ``sdpa``: PyTorch ``scaled_dot_product_attention`` on the batch padded to its longest sample with a
   key-padding mask (any device; padding rows cost compute but no token is lost).
 - ``reference``: a plain per-sample loop with an explicit softmax; the ground truth for tests.
-- ``auto``: xformers when the tensors are on CUDA and xformers imports, else sdpa.
+- ``auto``: xformers when the tensors are on CUDA and its kernels run, else sdpa.
 
-``block_diagonal_bias`` builds, on any device, the dense additive bias that xformers' block-diagonal
-mask stands for, so the xformers path's logic is testable on CPU against the other two.
+The xformers mask is testable on CPU: ``tests/kernels/attention_helpers.py`` materialises the mask this
+module builds (:func:`_block_diagonal_mask`) and compares it with a dense block-diagonal bias.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
-
 from kernels.dispatch import ATTENTION_BACKENDS as BACKENDS
 from kernels.dispatch import get_attention_backend
 
+log = logging.getLogger(__name__)
 _announced = set()
 
 
@@ -63,13 +61,13 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None) -> st
     """The backend to run on `device`: `requested` if given, else ``dispatch.get_attention_backend()``."""
     name = requested if requested not in (None, "auto") else get_attention_backend()
     if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r}: use one of {BACKENDS}")
+        raise ValueError(f"attention backend {name!r}: use one of {', '.join(BACKENDS)}")
     if name == "auto":
         name = "xformers" if device.type == "cuda" and xformers_usable(device.index or 0) else "sdpa"
     elif name == "xformers" and (device.type != "cuda" or not xformers_usable(device.index or 0)):
         raise RuntimeError("attention backend 'xformers' needs CUDA tensors and a working xformers "
-                           "(`pip install -e .[xformers]`, built for this torch); set model.attention=sdpa "
-                           "(or auto) to run without it")
+                           "(`pip install -e .[xformers]`, built for this torch); set train.attention=sdpa "
+                           "(or auto; env IWM_ATTENTION) to run without it")
     if name not in _announced:
         _announced.add(name)
         log.info("attention backend: %s", name)
@@ -134,30 +132,6 @@ def _block_diagonal_mask(seqlens: tuple):
     return BlockDiagonalMask.from_seqlens(list(seqlens))
 
 
-def block_diagonal_bias(seqlens: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
-    """Dense [T, T] additive bias, 0 inside each sample's block and -inf elsewhere: what xformers'
-    ``BlockDiagonalMask.from_seqlens(seqlens).materialize((T, T))`` stands for."""
-    b, _ = _token_positions(seqlens, device)
-    same = b[:, None] == b[None, :]
-    bias = torch.zeros(same.shape, dtype=dtype, device=device)
-    return bias.masked_fill_(~same, float("-inf"))
-
-
-def xformers_block_diagonal_bias(seqlens: Sequence[int], dtype=torch.float32) -> torch.Tensor:
-    """The bias the xformers path uses, materialised on CPU (needs xformers importable)."""
-    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
-
-    T = int(sum(seqlens))
-    return BlockDiagonalMask.from_seqlens(list(seqlens)).materialize((T, T), dtype=dtype, device="cpu")
-
-
-def attention_with_bias(q, k, v, bias: torch.Tensor) -> torch.Tensor:
-    """Dense attention over the whole packed sequence with an additive [T, T] bias (test helper)."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                         v.transpose(0, 1)[None], attn_mask=bias.to(q.dtype))
-    return out[0].transpose(0, 1)
-
-
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: List[int],
                      backend: Optional[str] = None) -> torch.Tensor:
     """Self-attention of each sample over its own tokens. q, k, v: [T, H, Dh]; seqlens: host ints,
@@ -171,4 +145,4 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         return _ragged_attention_sdpa(q, k, v, seqlens)
     if name == "reference":
         return ragged_attention_reference(q, k, v, seqlens)
-    raise ValueError(f"attention backend {name!r}: use one of {BACKENDS}")
+    raise ValueError(f"attention backend {name!r}: use one of {', '.join(BACKENDS)}")

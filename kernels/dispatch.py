@@ -19,12 +19,21 @@ Fused-op values:
 
 Attention values: ``auto`` (xformers on CUDA when its kernels run, else sdpa), ``xformers``, ``sdpa``,
 ``reference`` (see ``kernels/attention.py``).
+
+Tiles. Every Triton launcher asks :func:`tiles` for its block sizes. The choices live in one table,
+:data:`TILE_POLICIES`: per op, one :class:`TilePolicy` for CUDA (column tiles that pad the width least,
+a few thousand elements per program) and one for the CPU interpreter (whole rows, up to 16 of them: it
+runs one program at a time, so few big programs are fast). The target follows the tensors' device;
+``with use_tiles('cuda'):`` forces the CUDA choices on the interpreter (the tests run the column tiling
+and the cross-tile atomics that way), and ``benchmarks/compile_table.py`` compiles the CUDA choices for
+sm_80 / sm_90 without a GPU (``kernels/aot.py``).
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -152,6 +161,9 @@ def use_triton(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------------
+# Tiles
+# ----------------------------------------------------------------------------------------------------
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (Triton block shapes must be powers of two)."""
     n = int(n)
@@ -167,3 +179,86 @@ def column_block(n: int, choices=(1024, 512, 256, 128)) -> int:
         if best is None or padded < best[0]:
             best = (padded, b)
     return best[1]
+
+
+TILE_TARGETS = ("cuda", "interpreter")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes of one launch: ``block_t`` rows x ``block_d`` columns per program, ``num_warps``."""
+
+    block_t: int
+    block_d: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class TilePolicy:
+    """How an op cuts a ``[rows, D]`` problem into programs on one target.
+
+    ``columns``: the column tile choices (powers of two; :func:`column_block` picks the one that pads
+    ``D`` least), or None for whole rows (``block_d = next_power_of_2(D)``: the op needs a whole row in
+    registers, e.g. for a layer norm). ``block_t`` is ``elements // block_d`` capped at ``max_rows``.
+    Warps: one per 1024 elements of the tile, between 4 and 8.
+    """
+
+    elements: int
+    max_rows: int
+    columns: Optional[Tuple[int, ...]] = None
+
+    def tiles(self, D: int) -> Tiles:
+        whole = next_power_of_2(D)
+        block_d = whole if self.columns is None else min(whole, column_block(D, self.columns))
+        block_t = max(1, min(self.max_rows, self.elements // block_d))
+        return Tiles(block_t, block_d, min(8, max(4, block_t * block_d // 1024)))
+
+
+_INTERPRETER_ROWS = TilePolicy(elements=32768, max_rows=16)  # whole rows, few programs
+
+#: op -> target -> policy. The EMA is a ``[1, n]`` problem (one flat buffer): only its column tile matters.
+TILE_POLICIES: Dict[str, Dict[str, TilePolicy]] = {
+    "masked_l2_loss": {"cuda": TilePolicy(elements=8192, max_rows=64), "interpreter": _INTERPRETER_ROWS},
+    "gather_tokens": {"cuda": TilePolicy(elements=4096, max_rows=64, columns=(1024, 512, 256, 128)),
+                      "interpreter": _INTERPRETER_ROWS},
+    "feature_conditioning": {"cuda": TilePolicy(elements=4096, max_rows=64, columns=(512, 256, 128)),
+                             "interpreter": _INTERPRETER_ROWS},
+    "ema_update": {"cuda": TilePolicy(elements=4096, max_rows=1, columns=(4096,)),
+                   "interpreter": TilePolicy(elements=1 << 16, max_rows=1, columns=(1 << 16,))},
+}
+
+_tile_override: Optional[str] = None
+
+
+def tile_target(on_cuda: bool) -> str:
+    """'cuda' or 'interpreter': the :func:`use_tiles` override, else the tensors' device."""
+    if _tile_override is not None:
+        return _tile_override
+    return "cuda" if on_cuda else "interpreter"
+
+
+def tiles(op: str, D: int, on_cuda: bool) -> Tiles:
+    """The tiles ``op`` launches with for width ``D`` (see :data:`TILE_POLICIES`)."""
+    if op not in TILE_POLICIES:
+        raise KeyError(f"no tile policy for {op!r}: known ops are {', '.join(TILE_POLICIES)}")
+    return TILE_POLICIES[op][tile_target(on_cuda)].tiles(D)
+
+
+class use_tiles:
+    """Context manager: ``with use_tiles('cuda'): ...`` makes every launcher take the CUDA tiles (also
+    on CPU tensors under the interpreter); ``None`` restores the device-based choice. Restores on exit."""
+
+    def __init__(self, target: Optional[str]):
+        if target is not None and target not in TILE_TARGETS:
+            raise ValueError(f"use_tiles({target!r}): use one of {', '.join(TILE_TARGETS)} or None")
+        self.target = target
+
+    def __enter__(self):
+        global _tile_override
+        self._saved, _tile_override = _tile_override, self.target
+        return self
+
+    def __exit__(self, *exc):
+        global _tile_override
+        _tile_override = self._saved
+        return False

@@ -1,124 +1,88 @@
-"""Target-encoder EMA update: ``target <- momentum * target + (1 - momentum) * online``, in place.
+"""Target-encoder EMA: ``target <- momentum * target + (1 - momentum) * online``, in place, fp32 math.
 
-Arithmetic in fp32: target tensors are fp32; online tensors may be fp32 or bf16 (read and upcast).
+docs/method.md ("EMA target encoder"). The target side is ONE contiguous fp32 buffer:
+:class:`FlatBuffer` re-homes a list of parameters as consecutive views into it. The online side is
+either a list of tensors (numels summing to the buffer, in the buffer's order) or one flat tensor of
+the buffer's size (e.g. a ZeRO-3 partition updating the matching shard of the buffer, shard-local);
+fp32, bf16 or fp16, read and upcast.
 
-Paths (chosen by :func:`ema_update_` through :mod:`kernels.dispatch`):
+Paths of :func:`ema_update_flat_` (chosen through :mod:`kernels.dispatch`):
 
-* reference: :func:`ema_update_reference`, a plain per-parameter loop (what I-JEPA does; one or two
-  kernel launches per parameter on CUDA).
-* foreach (``auto`` on CPU, and ``auto`` on CUDA when the targets are not one flat buffer):
-  ``torch._foreach_lerp_`` (multi-tensor apply: a handful of launches, one read-modify-write of the
-  target and one read of the online params). bf16 online params are upcast first (one extra copy).
-* Triton, flat: when the target tensors are views tiling ONE contiguous fp32 buffer, in any list order
-  (see :class:`FlatBuffer`, which re-homes the target encoder's parameters that way), the whole update is
-  ONE kernel launch over that buffer: :func:`ema_update_flat_`. The online side may be a flat tensor
-  (one more contiguous buffer, any float dtype) or a list of tensors: the list is passed as a device
-  table of pointers (multi-tensor apply, one launch per online dtype), so no staging copy is made.
-  Bytes moved: 4 (read target) + 4 (write target) + 2 or 4 (read online) per parameter, the minimum.
-* Triton, not flat (``IWM_KERNELS=triton`` with ordinary parameters): one launch per tensor pair.
-
-Reference: :func:`ema_update_reference`.
+* Triton, online flat: one launch over the buffer (``_ema_flat_kernel``).
+* Triton, online a list: one launch per online dtype (normally one); the list is passed as a device
+  table of pointers (multi-tensor apply, ``_ema_table_kernel``), so no staging copy is made.
+  Either way 4 (read target) + 4 (write target) + 2 or 4 (read online) bytes per parameter, the minimum.
+* otherwise (CPU, or ``IWM_KERNELS=reference``): :func:`ema_update_reference`, a plain loop over the
+  tensors, on views of the buffer.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from kernels.dispatch import triton_available, use_triton
+from kernels import dispatch
+from kernels.dispatch import Tiles, triton_available, use_triton
 
-__all__ = ["ema_update_", "ema_update_flat_", "ema_update_reference", "ema_update_foreach_", "FlatBuffer",
-           "as_flat_view"]
+__all__ = ["FlatBuffer", "ema_update_flat_", "ema_update_reference"]
+
+ONLINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.no_grad()
 def ema_update_reference(target: Sequence[Tensor], online: Sequence[Tensor], momentum: float) -> None:
-    """Plain loop: ``t.mul_(m).add_(o.float(), alpha=1 - m)`` for each parameter pair."""
+    """Plain loop: ``t.mul_(m).add_(o.float(), alpha=1 - m)`` for each (target, online) pair."""
     for t, o in zip(target, online):
         t.mul_(momentum).add_(o.float(), alpha=1.0 - momentum)
 
 
-@torch.no_grad()
-def ema_update_foreach_(target: Sequence[Tensor], online: Sequence[Tensor], momentum: float) -> None:
-    """Multi-tensor: ``torch._foreach_lerp_(target, online, 1 - momentum)`` (bf16 online upcast first)."""
-    target = list(target)
-    online = [o if o.dtype == t.dtype else o.to(t.dtype) for t, o in zip(target, online)]
-    if target:
-        torch._foreach_lerp_(target, online, 1.0 - momentum)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Flat buffer: the target encoder's fp32 parameters as views into one contiguous buffer
-# ----------------------------------------------------------------------------------------------------
 class FlatBuffer:
-    """Re-homes a list of parameters as consecutive views into one contiguous buffer.
+    """A list of parameters re-homed as consecutive views into one contiguous fp32 buffer.
 
-    ``fb = FlatBuffer(list(target_encoder.parameters()))`` copies each parameter into ``fb.flat`` (one
-    1-D tensor of ``fb.numel`` elements, fp32 by default) and points ``p.data`` at its slice, so the
-    module keeps working unchanged while ``ema_update_(params, ...)`` (or
-    ``ema_update_flat_(fb.flat, ...)``) runs as one kernel launch. No padding between parameters.
-    Re-home BEFORE anything captures the old storages (optimizer, DeepSpeed engine, CUDA graphs);
-    ``load_state_dict`` copies into the views in place and keeps them.
+    ``fb = FlatBuffer(params)`` copies each parameter into ``fb.flat`` (1-D, ``fb.numel`` elements, no
+    padding; tied parameters once, in first-seen order: ``fb.params``) and points ``p.data`` at its
+    slice, so the module keeps working unchanged and ``ema_update_flat_(fb.flat, online, m)`` updates
+    every parameter. Re-home BEFORE anything captures the old storages (an optimizer, a CUDA graph);
+    ``load_state_dict`` copies into the views in place and keeps them. :meth:`is_intact` says whether
+    they still are.
     """
 
-    def __init__(self, params: Iterable[Tensor], dtype: torch.dtype = torch.float32):
+    def __init__(self, params: Iterable[Tensor]):
         seen, self.params = set(), []
-        for p in params:  # de-duplicate tied parameters, keep order
+        for p in params:
             if id(p) not in seen:
                 seen.add(id(p))
                 self.params.append(p)
         if not self.params:
             raise ValueError("FlatBuffer: no parameters given")
         device = self.params[0].device
+        for p in self.params:
+            if p.device != device:
+                raise ValueError(f"FlatBuffer: parameters on {device} and {p.device}: move them to one device first")
+            if not p.is_floating_point():
+                raise ValueError(f"FlatBuffer: a {p.dtype} parameter; only floating-point parameters can be re-homed")
         self.numels = [p.numel() for p in self.params]
         self.offsets = [0]
         for n in self.numels[:-1]:
             self.offsets.append(self.offsets[-1] + n)
         self.numel = sum(self.numels)
-        self.flat = torch.empty(self.numel, dtype=dtype, device=device)
+        self.flat = torch.empty(self.numel, dtype=torch.float32, device=device)
         with torch.no_grad():
             for p, off, n in zip(self.params, self.offsets, self.numels):
-                if p.device != device:
-                    raise ValueError(f"FlatBuffer: parameters on {device} and {p.device}")
                 view = self.flat[off:off + n].view(p.shape)
                 view.copy_(p.data)
                 p.data = view
 
-    @classmethod
-    def from_module(cls, module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> "FlatBuffer":
-        return cls(module.parameters(), dtype=dtype)
-
     def views(self) -> List[Tensor]:
+        """The parameters' tensors (views into :attr:`flat`), in buffer order."""
         return [p.data for p in self.params]
 
     def is_intact(self) -> bool:
         """False if something re-pointed a parameter away from the buffer (e.g. ``p.data = ...``)."""
-        base = self.flat.data_ptr()
-        es = self.flat.element_size()
-        return all(p.data_ptr() == base + off * es and p.is_contiguous()
+        base, es = self.flat.data_ptr(), self.flat.element_size()
+        return all(p.dtype == torch.float32 and p.is_contiguous() and p.data_ptr() == base + off * es
                    for p, off in zip(self.params, self.offsets))
-
-
-def as_flat_view(tensors: Sequence[Tensor]) -> Optional[Tensor]:
-    """If ``tensors`` are contiguous and tile, in order and without gaps, one range of one storage
-    (e.g. :class:`FlatBuffer` views), return a 1-D tensor over that range; else None."""
-    tensors = list(tensors)
-    if not tensors:
-        return None
-    t0 = tensors[0]
-    storage_ptr = t0.untyped_storage().data_ptr()
-    es = t0.element_size()
-    expect = t0.data_ptr()
-    for t in tensors:
-        if (t.dtype != t0.dtype or t.device != t0.device or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != storage_ptr or t.data_ptr() != expect):
-            return None
-        expect += t.numel() * es
-    total = (expect - t0.data_ptr()) // es
-    flat = torch.empty(0, dtype=t0.dtype, device=t0.device)
-    flat.set_(t0.untyped_storage(), t0.storage_offset(), (total,), (1,))
-    return flat
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,19 +121,24 @@ if triton_available():
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _block(on_cuda: bool) -> int:
-    return 4096 if on_cuda else 1 << 16  # interpreter: few programs
+def _flat_launch(t_flat, o_flat, momentum: float, tiles: Tiles):
+    """Grid, arguments, meta-parameters of ``_ema_flat_kernel`` (real tensors or :mod:`kernels.aot`
+    stand-ins)."""
+    n = t_flat.shape[0]
+    return ((triton.cdiv(n, tiles.block_d),), (t_flat, o_flat, n, float(momentum)),
+            dict(BLOCK=tiles.block_d, num_warps=tiles.num_warps))
 
 
-def _launch_flat(t_flat: Tensor, o_flat: Tensor, momentum: float) -> None:
-    n = t_flat.numel()
-    if n:
-        blk = _block(t_flat.is_cuda)
-        _ema_flat_kernel[(triton.cdiv(n, blk),)](t_flat, o_flat, n, float(momentum), BLOCK=blk)
+def _table_launch(t_flat, table, blk_tensor, blk_start, t_off, numel, momentum: float, dtype: torch.dtype,
+                  tiles: Tiles):
+    """Grid, arguments, meta-parameters of ``_ema_table_kernel``: one program per online block."""
+    return ((blk_tensor.shape[0],), (t_flat, table, blk_tensor, blk_start, t_off, numel, float(momentum)),
+            dict(O_DTYPE=_TL_DTYPES[dtype], BLOCK=tiles.block_d, num_warps=tiles.num_warps))
 
 
 class _PointerTable:
-    """Device tables for the multi-tensor launch, cached on the online tensors' data pointers."""
+    """Device tables for the multi-tensor launch, cached on the online tensors' addresses and sizes
+    (a table is a pure function of its key)."""
 
     _cache: dict = {}
 
@@ -194,93 +163,83 @@ class _PointerTable:
         return hit
 
 
+def _launch_flat(t_flat: Tensor, o_flat: Tensor, momentum: float) -> None:
+    if t_flat.numel():
+        tiles = dispatch.tiles("ema_update", t_flat.numel(), t_flat.is_cuda)
+        grid, args, meta = _flat_launch(t_flat, o_flat, momentum, tiles)
+        _ema_flat_kernel[grid](*args, **meta)
+
+
 def _launch_table(t_flat: Tensor, online: Sequence[Tensor], momentum: float) -> None:
-    # group by online dtype (one launch per dtype; normally exactly one)
-    t_offsets, off = [], 0
+    tiles = dispatch.tiles("ema_update", max(o.numel() for o in online), t_flat.is_cuda)
+    by_dtype: dict = {}  # one launch per online dtype (normally exactly one)
+    off = 0
     for o in online:
-        t_offsets.append(off)
-        off += o.numel()
-    blk = _block(t_flat.is_cuda)
-    by_dtype: dict = {}
-    for o, toff in zip(online, t_offsets):
         if o.numel():
-            by_dtype.setdefault(o.dtype, []).append((o.contiguous(), toff))
+            by_dtype.setdefault(o.dtype, []).append((o.contiguous(), off))
+        off += o.numel()
     for dtype, pairs in by_dtype.items():
-        os_, toffs = [p[0] for p in pairs], [p[1] for p in pairs]
-        table, blk_tensor, blk_start, t_off, numel = _PointerTable.get(os_, toffs, blk)
-        _ema_table_kernel[(blk_tensor.numel(),)](t_flat, table, blk_tensor, blk_start, t_off, numel,
-                                                 float(momentum), O_DTYPE=_TL_DTYPES[dtype], BLOCK=blk)
+        tensors, offsets = [p[0] for p in pairs], [p[1] for p in pairs]
+        table = _PointerTable.get(tensors, offsets, tiles.block_d)
+        grid, args, meta = _table_launch(t_flat, *table, momentum, dtype, tiles)
+        _ema_table_kernel[grid](*args, **meta)
 
 
-def _check_pairs(target: Sequence[Tensor], online: Sequence[Tensor]) -> None:
-    if len(target) != len(online):
-        raise ValueError(f"ema_update_: {len(target)} target tensors but {len(online)} online tensors")
-    for i, (t, o) in enumerate(zip(target, online)):
-        if t.shape != o.shape:
-            raise ValueError(f"ema_update_: tensor {i}: target {tuple(t.shape)} vs online {tuple(o.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"ema_update_: target tensor {i} is {t.dtype}; the EMA keeps fp32 targets")
+def aot_launches(shapes) -> list:
+    """Both launches for an encoder of ``shapes.encoder_params`` parameters (:class:`kernels.aot.Shapes`),
+    per online dtype: flat online (a ZeRO-3 partition) and a list of online tensors (pointer table)."""
+    from kernels import aot
+
+    n = shapes.encoder_params
+    tiles = dispatch.TILE_POLICIES["ema_update"]["cuda"].tiles(n)
+    f32, i64 = torch.float32, torch.int64
+    out = []
+    for dt in ONLINE_DTYPES:
+        _, args, meta = _flat_launch(aot.mock(f32, n), aot.mock(dt, n), 0.996, tiles)
+        out.append(aot.Launch(_ema_flat_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+                              variant="flat online"))
+        k, blocks = shapes.encoder_tensors, triton.cdiv(n, tiles.block_d) + shapes.encoder_tensors
+        _, args, meta = _table_launch(aot.mock(f32, n), aot.mock(i64, k), aot.mock(torch.int32, blocks),
+                                      aot.mock(i64, blocks), aot.mock(i64, k), aot.mock(i64, k), 0.996, dt, tiles)
+        out.append(aot.Launch(_ema_table_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+                              variant="online list"))
+    return out
 
 
 @torch.no_grad()
 def ema_update_flat_(target_flat: Tensor, online: Union[Tensor, Sequence[Tensor]], momentum: float) -> None:
-    """One-launch EMA over a flat fp32 buffer (e.g. ``FlatBuffer.flat``), in place.
+    """``target_flat <- momentum * target_flat + (1 - momentum) * online``, in place, fp32 arithmetic.
 
-    ``online`` is either a 1-D tensor with ``target_flat.numel()`` elements (fp32/bf16/fp16) or a list
-    of tensors whose numels sum to it, in the same order as the buffer's views. Triton when the
-    dispatch allows it (one launch per online dtype), else ``torch.lerp_`` on the flat buffer.
+    ``target_flat``: a contiguous 1-D fp32 tensor (:attr:`FlatBuffer.flat`, or the shard of it that
+    matches a ZeRO-3 partition). ``online``: one tensor of ``target_flat.numel()`` elements (flat: a
+    ZeRO-3 partition), or a list of tensors whose numels sum to it, in the buffer's order (the online
+    encoder's parameters); fp32, bf16 or fp16. Triton when :mod:`kernels.dispatch` allows it, else
+    :func:`ema_update_reference` on views of the buffer.
     """
-    if target_flat.dim() != 1 or not target_flat.is_contiguous() or target_flat.dtype != torch.float32:
-        raise ValueError("ema_update_flat_: target_flat must be a contiguous 1-D fp32 tensor")
+    if (not isinstance(target_flat, Tensor) or target_flat.dim() != 1 or not target_flat.is_contiguous()
+            or target_flat.dtype != torch.float32):
+        raise ValueError("ema_update_flat_: target_flat must be a contiguous 1-D fp32 tensor "
+                         "(FlatBuffer(target_params).flat)")
     flat_online = isinstance(online, Tensor)
-    online_list = [online] if flat_online else list(online)
+    online_list = [online.reshape(-1)] if flat_online else list(online)
+    for i, o in enumerate(online_list):
+        if o.dtype not in ONLINE_DTYPES:
+            raise ValueError(f"ema_update_flat_: online tensor {i} is {o.dtype}; use fp32, bf16 or fp16")
+        if o.device != target_flat.device:
+            raise ValueError(f"ema_update_flat_: online tensor {i} is on {o.device}, the target buffer on "
+                             f"{target_flat.device}: both sides must be on one device")
     total = sum(o.numel() for o in online_list)
     if total != target_flat.numel():
-        raise ValueError(f"ema_update_flat_: online has {total} elements, target_flat {target_flat.numel()}")
+        raise ValueError(f"ema_update_flat_: online has {total} elements but target_flat {target_flat.numel()}: "
+                         f"pass the online parameters in the buffer's order (FlatBuffer.params), or the "
+                         f"partition that matches this shard")
+    if not online_list or total == 0:
+        return
     if use_triton(target_flat, *online_list):
         if flat_online:
-            _launch_flat(target_flat, online.reshape(-1).contiguous(), momentum)
+            _launch_flat(target_flat, online_list[0].contiguous(), momentum)
         else:
             _launch_table(target_flat, online_list, momentum)
         return
-    o_flat = online.reshape(-1) if flat_online else torch.cat([o.reshape(-1) for o in online_list])
-    target_flat.lerp_(o_flat.to(torch.float32), 1.0 - momentum)
-
-
-@torch.no_grad()
-def ema_update_(target: List[Tensor], online: List[Tensor], momentum: float) -> None:
-    """``target[i] <- momentum * target[i] + (1 - momentum) * online[i]`` in place, fp32 arithmetic.
-
-    ``target``: fp32 tensors (parameters of the target encoder); ``online``: same shapes, fp32 or bf16.
-    Backends (see module docstring): 'reference' -> plain loop; Triton -> one launch when the targets
-    are views tiling one flat buffer (:class:`FlatBuffer`; any order of the list, the pairs are
-    sorted by address), else (forced 'triton' only) one launch per tensor; otherwise
-    ``torch._foreach_lerp_`` (also 'auto' on CUDA with non-flat targets).
-    """
-    target, online = list(target), list(online)
-    _check_pairs(target, online)
-    if not target:
-        return
-    from kernels.dispatch import get_backend
-    if use_triton(*target, *online):
-        # the caller's order need not be the buffer's (engine/ema.py sorts by name): order the pairs
-        # by the target's address, then test whether they tile one flat buffer
-        order = sorted(range(len(target)), key=lambda i: target[i].data_ptr())
-        t_sorted = [target[i] for i in order]
-        t_flat = as_flat_view(t_sorted)
-        if t_flat is not None:
-            o_sorted = [online[i] for i in order]
-            o_flat = as_flat_view(o_sorted)
-            ema_update_flat_(t_flat, o_flat if o_flat is not None else o_sorted, momentum)
-            return
-        if get_backend() == "triton":  # forced, not flat: one launch per tensor pair
-            for t, o in zip(target, online):
-                if not t.is_contiguous():
-                    raise ValueError("ema_update_ (triton): non-contiguous target tensor")
-                _launch_flat(t.view(-1), o.reshape(-1).contiguous(), momentum)
-            return
-        # auto on CUDA, not flat: the multi-tensor foreach path beats one launch per parameter
-    if get_backend() == "reference":
-        ema_update_reference(target, online, momentum)
-    else:
-        ema_update_foreach_(target, online, momentum)
+    views = [t.view(o.shape) for t, o in zip(target_flat.split([o.numel() for o in online_list]), online_list)]
+    ema_update_reference(views, online_list, momentum)

@@ -1,4 +1,4 @@
-"""IWM feature conditioning of the predictor's mask tokens (PAPER.md, "Feature conditioning").
+"""IWM feature conditioning of the predictor's mask tokens (docs/method.md, "Feature conditioning").
 
 Each target token's mask token (after its positional embedding) is concatenated with the action
 ``a_{x->y}`` of its sample and mapped back to the predictor width by a 3-layer MLP applied per token
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import column_block, next_power_of_2, triton_available, use_triton
+from kernels import dispatch
+from kernels.dispatch import Tiles, triton_available, use_triton
 
 __all__ = ["feature_conditioning", "feature_conditioning_reference", "FeatureConditioningFunction"]
 
@@ -131,30 +132,41 @@ if triton_available():
                 tl.atomic_add(gact_ptr + rows64 * A + a, tl.sum(gh * w[None, :], axis=1), mask=row_ok)
 
 
-def _blocks(T: int, H: int, on_cuda: bool):
-    if on_cuda:  # column tiles that pad H least (384 -> 128, 512 -> 512), ~4K elements per program
-        block_h = min(next_power_of_2(H), column_block(H, (512, 256, 128)))
-        block_t = max(1, 4096 // block_h)
-    else:  # interpreter: few programs, big blocks
-        block_h = next_power_of_2(H)
-        block_t = max(1, min(16, 32768 // block_h))
-    return block_t, block_h
+def _fwd_launch(P, target_pos, action, token_batch, wa, out, tiles: Tiles):
+    """Grid, arguments, meta-parameters of ``_fc1_gelu_fwd_kernel`` (real tensors or :mod:`kernels.aot`
+    stand-ins). ``wa`` is ``w1[:, D:]``, a view with row stride ``D + A``."""
+    T, H, A = target_pos.shape[0], P.shape[1], action.shape[1]
+    grid = (triton.cdiv(T, tiles.block_t), triton.cdiv(H, tiles.block_d))
+    args = (P, target_pos, action, token_batch, wa, out,
+            T, H, P.stride()[0], action.stride()[0], wa.stride()[0], out.stride()[0])
+    return grid, args, dict(A=A, BLOCK_T=tiles.block_t, BLOCK_H=tiles.block_d, num_warps=tiles.num_warps)
+
+
+def _bwd_launch(P, target_pos, action, token_batch, wa, g_a1, a1, gP, gb1, gwa, gact, tiles: Tiles):
+    """Grid, arguments, meta-parameters of ``_fc1_gelu_bwd_kernel``; a None gradient is not computed
+    (its NEED_* flag is off and ``a1`` stands in for the pointer, never touched)."""
+    T, H, A = target_pos.shape[0], P.shape[1], action.shape[1]
+    grid = (triton.cdiv(T, tiles.block_t), triton.cdiv(H, tiles.block_d))
+    some = lambda g: a1 if g is None else g  # noqa: E731
+    args = (P, target_pos, action, token_batch, wa, g_a1, a1, some(gP), some(gb1), some(gwa), some(gact),
+            T, H, P.stride()[0], action.stride()[0], wa.stride()[0], g_a1.stride()[0], a1.stride()[0],
+            0 if gP is None else gP.stride()[0])
+    meta = dict(A=A, BLOCK_T=tiles.block_t, BLOCK_H=tiles.block_d, NEED_P=gP is not None,
+                NEED_B1=gb1 is not None, NEED_WA=gwa is not None, NEED_ACT=gact is not None,
+                num_warps=tiles.num_warps)
+    return grid, args, meta
 
 
 def _fc1_gelu_fwd(P: Tensor, target_pos: Tensor, action: Tensor, token_batch: Tensor, w1: Tensor,
                   D: int) -> Tensor:
     """a1 = gelu(P[target_pos] + action[token_batch] @ w1[:, D:].T)  -> [T, H] in P's dtype."""
-    T, H, A = target_pos.numel(), P.shape[1], action.shape[1]
+    T, H = target_pos.numel(), P.shape[1]
     out = torch.empty((T, H), dtype=P.dtype, device=P.device)
     if T > 0:
         wa = w1[:, D:]  # a view: data_ptr includes the column offset; stride(1) == 1 (w1 contiguous)
-        bt, bh = _blocks(T, H, P.is_cuda)
-        grid = (triton.cdiv(T, bt), triton.cdiv(H, bh))
-        _fc1_gelu_fwd_kernel[grid](
-            P, target_pos, action, token_batch, wa, out,
-            T, H, P.stride(0), action.stride(0), wa.stride(0), out.stride(0),
-            A=A, BLOCK_T=bt, BLOCK_H=bh,
-        )
+        grid, args, meta = _fwd_launch(P, target_pos, action, token_batch, wa, out,
+                                       dispatch.tiles("feature_conditioning", H, P.is_cuda))
+        _fc1_gelu_fwd_kernel[grid](*args, **meta)
     return out
 
 
@@ -171,20 +183,36 @@ def _fc1_gelu_bwd(P: Tensor, target_pos: Tensor, action: Tensor, token_batch: Te
     gwa = zeros(H, A) if need_wa else None
     gact = zeros(T, A) if need_act else None
     if T > 0:
-        wa = w1[:, D:]
-        bt, bh = _blocks(T, H, P.is_cuda)
-        grid = (triton.cdiv(T, bt), triton.cdiv(H, bh))
-        dummy = a1  # never touched when the matching NEED_* flag is off
-        _fc1_gelu_bwd_kernel[grid](
-            P, target_pos, action, token_batch, wa, g_a1, a1,
-            gP if need_P else dummy, gb1 if need_b1 else dummy, gwa if need_wa else dummy,
-            gact if need_act else dummy,
-            T, H, P.stride(0), action.stride(0), wa.stride(0), g_a1.stride(0), a1.stride(0),
-            gP.stride(0) if need_P else 0,
-            A=A, BLOCK_T=bt, BLOCK_H=bh,
-            NEED_P=need_P, NEED_B1=need_b1, NEED_WA=need_wa, NEED_ACT=need_act,
-        )
+        grid, args, meta = _bwd_launch(P, target_pos, action, token_batch, w1[:, D:], g_a1, a1, gP, gb1, gwa,
+                                       gact, dispatch.tiles("feature_conditioning", H, P.is_cuda))
+        _fc1_gelu_bwd_kernel[grid](*args, **meta)
     return a1, gP, gb1, gwa, gact
+
+
+def aot_launches(shapes) -> list:
+    """The launches a training step makes at ``shapes`` (:class:`kernels.aot.Shapes`): fc1 forward and
+    backward at the predictor width (backward: the weights' gradients, the action being data; and every
+    gradient, action included), with ``P``, g_a1 and a1 in each activation dtype; action, w1 (fp32
+    parameters under autocast) and the gradients fp32."""
+    from kernels import aot
+
+    T, N, H, A, B = (shapes.target_tokens, shapes.patches, shapes.pred_width, shapes.action_dim,
+                     shapes.batch)
+    tiles = dispatch.TILE_POLICIES["feature_conditioning"]["cuda"].tiles(H)
+    f32, i64 = torch.float32, torch.int64
+    out = []
+    for dt in aot.ACTIVATION_DTYPES:
+        P, pos, bat, act = aot.mock(dt, N, H), aot.mock(i64, T), aot.mock(i64, T), aot.mock(f32, B, A)
+        wa = aot.mock(f32, H, H + A)  # w1[:, D:] has w1's row stride D + A (D = H in the predictor)
+        _, args, meta = _fwd_launch(P, pos, act, bat, wa, aot.mock(dt, T, H), tiles)
+        out.append(aot.Launch(_fc1_gelu_fwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles))
+        for variant, need in (("weight grads", (True, True, True, False)), ("all grads", (True, True, True, True))):
+            grads = [aot.mock(f32, *shape) if n else None
+                     for n, shape in zip(need, ((N, H), (H,), (H, A), (T, A)))]
+            _, args, meta = _bwd_launch(P, pos, act, bat, wa, aot.mock(dt, T, H), aot.mock(dt, T, H), *grads, tiles)
+            out.append(aot.Launch(_fc1_gelu_bwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+                                  variant=variant))
+    return out
 
 
 class FeatureConditioningFunction(torch.autograd.Function):

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.dispatch import column_block, next_power_of_2, triton_available, use_triton
+from kernels import dispatch
+from kernels.dispatch import Tiles, triton_available, use_triton
 
 __all__ = ["gather_tokens", "gather_tokens_reference", "GatherTokensFunction"]
 
@@ -69,16 +70,14 @@ if triton_available():
         tl.atomic_add(gx_ptr + dst[:, None] * stride_gx + cols[None, :], g.to(tl.float32), mask=mask)
 
 
-def _blocks(T: int, D: int, on_cuda: bool):
-    """(BLOCK_T, BLOCK_D). On GPU: column tiles of 128..1024 that pad D least, ~4K elements per
-    program. Under the CPU interpreter (one program at a time) the whole row width and up to 16 rows."""
-    if on_cuda:
-        block_d = min(next_power_of_2(D), column_block(D))
-        block_t = max(1, 4096 // block_d)
-    else:
-        block_d = next_power_of_2(D)
-        block_t = max(1, min(16, 32768 // block_d))
-    return block_t, block_d
+def _launch(x2d, flat_idx, out, tiles: Tiles):
+    """Grid, arguments and meta-parameters of one gather (forward) or scatter-add (backward) launch:
+    ``x2d`` is the source ``[rows, D]`` (backward: the gradient ``[T, D]``), ``out`` the destination.
+    Real tensors, or :mod:`kernels.aot` stand-ins when compiling ahead of time."""
+    T, D = flat_idx.shape[0], x2d.shape[1]
+    grid = (triton.cdiv(T, tiles.block_t), triton.cdiv(D, tiles.block_d))
+    args = (x2d, flat_idx, out, T, D, x2d.stride()[0], out.stride()[0])
+    return grid, args, dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps)
 
 
 def _gather_fwd(x2d: Tensor, flat_idx: Tensor) -> Tensor:
@@ -86,9 +85,8 @@ def _gather_fwd(x2d: Tensor, flat_idx: Tensor) -> Tensor:
     out = torch.empty((T, D), dtype=x2d.dtype, device=x2d.device)
     if T == 0:
         return out
-    bt, bd = _blocks(T, D, x2d.is_cuda)
-    grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
-    _gather_fwd_kernel[grid](x2d, flat_idx, out, T, D, x2d.stride(0), out.stride(0), BLOCK_T=bt, BLOCK_D=bd)
+    grid, args, meta = _launch(x2d, flat_idx, out, dispatch.tiles("gather_tokens", D, x2d.is_cuda))
+    _gather_fwd_kernel[grid](*args, **meta)
     return out
 
 
@@ -101,11 +99,26 @@ def _gather_bwd(grad_out: Tensor, flat_idx: Tensor, rows: int, dtype: torch.dtyp
     gx = torch.zeros((rows, D), dtype=torch.float32, device=grad_out.device)
     if T > 0:
         grad_out = grad_out.contiguous()
-        bt, bd = _blocks(T, D, grad_out.is_cuda)
-        grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
-        _gather_bwd_kernel[grid](grad_out, flat_idx, gx, T, D, grad_out.stride(0), gx.stride(0),
-                                 BLOCK_T=bt, BLOCK_D=bd)
+        grid, args, meta = _launch(grad_out, flat_idx, gx, dispatch.tiles("gather_tokens", D, grad_out.is_cuda))
+        _gather_bwd_kernel[grid](*args, **meta)
     return gx
+
+
+def aot_launches(shapes) -> list:
+    """The launches a training step makes at ``shapes`` (:class:`kernels.aot.Shapes`): the context
+    gather at the encoder width in each activation dtype, and the fp32 scatter-add backward."""
+    from kernels import aot
+
+    T, D, rows = shapes.context_tokens, shapes.enc_width, shapes.batch * shapes.patches
+    tiles = dispatch.TILE_POLICIES["gather_tokens"]["cuda"].tiles(D)
+    out = []
+    for dt in aot.ACTIVATION_DTYPES:
+        _, args, meta = _launch(aot.mock(dt, rows, D), aot.mock(torch.int64, T), aot.mock(dt, T, D), tiles)
+        out.append(aot.Launch(_gather_fwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles))
+    _, args, meta = _launch(aot.mock(torch.float32, T, D), aot.mock(torch.int64, T),
+                            aot.mock(torch.float32, rows, D), tiles)
+    out.append(aot.Launch(_gather_bwd_kernel, args, meta, dtype="fp32", tiles=tiles))
+    return out
 
 
 class GatherTokensFunction(torch.autograd.Function):

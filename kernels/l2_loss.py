@@ -5,8 +5,9 @@ where ``LN`` is ``F.layer_norm`` without affine parameters. ``target`` is the (s
 the EMA target encoder for the target view y over all N patches; ``flat_idx`` packs the ragged target
 positions (sample b's patch n is row ``b*N + n``). Gradient flows to ``pred`` only.
 
-What the Triton version fuses: gather of the target rows + fp32 layer norm + squared error + the
-reduction + the gradient, in ONE pass over ``pred`` and the gathered target rows. Each program takes a
+The loss of docs/method.md ("Loss"). What the Triton version fuses: gather of the target rows + fp32
+layer norm + squared error + the reduction + the gradient, in ONE pass over ``pred`` and the gathered
+target rows. Each program takes a
 block of rows (whole rows, so the layer-norm statistics stay in registers), writes one partial sum (the
 partials are summed in a fixed order: deterministic) and, when ``pred`` requires grad, writes
 ``d loss / d pred = 2 * (pred - t) / (T*D)`` right away; backward only scales it by ``grad_output``.
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.dispatch import next_power_of_2, triton_available, use_triton
+from kernels import dispatch
+from kernels.dispatch import Tiles, triton_available, use_triton
 
 __all__ = ["masked_l2_loss", "masked_l2_loss_reference", "MaskedL2LossFunction"]
 
@@ -76,31 +78,47 @@ if triton_available():
                      g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(T: int, D: int, on_cuda: bool):
-    block_d = next_power_of_2(D)
-    if on_cuda:
-        block_t = max(1, min(64, 8192 // block_d))
-    else:  # interpreter: few programs, big blocks
-        block_t = max(1, min(16, 32768 // block_d))
-    return block_t, block_d
+def _fwd_launch(pred, target2d, flat_idx, grad, partials, eps: float, tiles: Tiles):
+    """Arguments and meta-parameters of one ``_masked_l2_fwd_kernel`` launch (real tensors, or
+    ``kernels.aot`` stand-ins when compiling ahead of time). ``grad`` None: loss only."""
+    T, D = pred.shape
+    write_grad = grad is not None
+    args = (pred, target2d, flat_idx, grad if write_grad else pred, partials,
+            T, D, pred.stride()[0], target2d.stride()[0], grad.stride()[0] if write_grad else 0,
+            float(eps), 2.0 / max(1, T * D))
+    return args, dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, WRITE_GRAD=write_grad,
+                      num_warps=tiles.num_warps)
 
 
 def _masked_l2_fwd(pred: Tensor, target2d: Tensor, flat_idx: Tensor, eps: float, write_grad: bool):
     T, D = pred.shape
-    bt, bd = _blocks(T, D, pred.is_cuda)
-    n_prog = triton.cdiv(T, bt) if T > 0 else 0
+    tiles = dispatch.tiles("masked_l2_loss", D, pred.is_cuda)
+    n_prog = triton.cdiv(T, tiles.block_t) if T > 0 else 0
     partials = torch.empty(n_prog, dtype=torch.float32, device=pred.device)
     grad = torch.empty_like(pred) if write_grad else None
     if n_prog > 0:
-        _masked_l2_fwd_kernel[(n_prog,)](
-            pred, target2d, flat_idx, grad if write_grad else pred, partials,
-            T, D, pred.stride(0), target2d.stride(0), grad.stride(0) if write_grad else 0,
-            float(eps), 2.0 / (T * D),
-            BLOCK_T=bt, BLOCK_D=bd, WRITE_GRAD=write_grad,
-            num_warps=8 if bd >= 2048 else 4,
-        )
+        args, meta = _fwd_launch(pred, target2d, flat_idx, grad, partials, eps, tiles)
+        _masked_l2_fwd_kernel[(n_prog,)](*args, **meta)
     loss = partials.sum() / (T * D) if T > 0 else torch.full((), float("nan"), device=pred.device)
     return loss, grad
+
+
+def aot_launches(shapes) -> list:
+    """The launches a training step makes at ``shapes`` (a :class:`kernels.aot.Shapes`), one per
+    activation dtype and with / without the gradient, for :mod:`kernels.aot`."""
+    from kernels import aot
+
+    T, D, rows = shapes.target_tokens, shapes.enc_width, shapes.batch * shapes.patches
+    tiles = dispatch.TILE_POLICIES["masked_l2_loss"]["cuda"].tiles(D)
+    out = []
+    for dt in aot.ACTIVATION_DTYPES:
+        for write_grad in (True, False):
+            grad = aot.mock(dt, T, D) if write_grad else None
+            args, meta = _fwd_launch(aot.mock(dt, T, D), aot.mock(dt, rows, D), aot.mock(torch.int64, T), grad,
+                                     aot.mock(torch.float32, T), 1e-6, tiles)
+            out.append(aot.Launch(_masked_l2_fwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+                                  variant="loss+grad" if write_grad else "loss"))
+    return out
 
 
 class MaskedL2LossFunction(torch.autograd.Function):

@@ -6,6 +6,7 @@ import torch
 
 from kernels import attention as A
 from kernels import dispatch
+from tests.kernels.attention_helpers import attention_with_bias, block_diagonal_bias, xformers_block_diagonal_bias
 
 
 def plain_attention(q, k, v, seqlens):
@@ -52,7 +53,7 @@ def test_sdpa_gradients_match_reference():
 
 
 def test_block_diagonal_bias_is_block_diagonal():
-    bias = A.block_diagonal_bias([2, 3])
+    bias = block_diagonal_bias([2, 3])
     inf = float("-inf")
     expected = torch.tensor([[0, 0, inf, inf, inf], [0, 0, inf, inf, inf], [inf, inf, 0, 0, 0],
                              [inf, inf, 0, 0, 0], [inf, inf, 0, 0, 0]])
@@ -61,16 +62,16 @@ def test_block_diagonal_bias_is_block_diagonal():
 
 def test_dense_bias_attention_matches_plain_loop():
     q, k, v = ragged(SEQLENS, seed=2)
-    out = A.attention_with_bias(q, k, v, A.block_diagonal_bias(SEQLENS))
+    out = attention_with_bias(q, k, v, block_diagonal_bias(SEQLENS))
     torch.testing.assert_close(out, plain_attention(q, k, v, SEQLENS), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not A.xformers_available(), reason="xformers not installed")
 def test_xformers_mask_materialised_equals_ours_and_gives_same_attention():
     q, k, v = ragged(SEQLENS, seed=3)
-    xb = A.xformers_block_diagonal_bias(SEQLENS)
-    assert torch.equal(xb, A.block_diagonal_bias(SEQLENS))
-    out_x = A.attention_with_bias(q, k, v, xb)
+    xb = xformers_block_diagonal_bias(SEQLENS)
+    assert torch.equal(xb, block_diagonal_bias(SEQLENS))
+    out_x = attention_with_bias(q, k, v, xb)
     torch.testing.assert_close(out_x, A.ragged_attention(q, k, v, SEQLENS, backend="sdpa"), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_x, plain_attention(q, k, v, SEQLENS), atol=1e-5, rtol=1e-5)
 

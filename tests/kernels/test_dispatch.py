@@ -109,3 +109,59 @@ def test_kernels_package_does_not_import_engine():
 
 def test_column_block_pads_least():
     assert [dispatch.column_block(n) for n in (384, 512, 768, 1023, 1280, 100)] == [128, 512, 256, 1024, 256, 128]
+
+
+def test_tile_policies_cover_every_op_and_target():
+    assert set(dispatch.TILE_POLICIES) == {"masked_l2_loss", "gather_tokens", "feature_conditioning", "ema_update"}
+    for op, policies in dispatch.TILE_POLICIES.items():
+        assert set(policies) == set(dispatch.TILE_TARGETS), op
+
+
+def test_cuda_tiles_at_the_recipe_widths():
+    # (op, width) -> (BLOCK_T, BLOCK_D, num_warps), worked out by hand from the policies' rules:
+    # column tile padding the width least, elements // BLOCK_D rows (capped), a warp per 1024 elements
+    expected = {
+        ("gather_tokens", 768): (16, 256, 4), ("gather_tokens", 1280): (16, 256, 4),
+        ("gather_tokens", 512): (8, 512, 4), ("gather_tokens", 100): (32, 128, 4),
+        ("masked_l2_loss", 768): (8, 1024, 8), ("masked_l2_loss", 1280): (4, 2048, 8),
+        ("masked_l2_loss", 64): (64, 64, 4),
+        ("feature_conditioning", 384): (32, 128, 4), ("feature_conditioning", 512): (8, 512, 4),
+        ("feature_conditioning", 1023): (8, 512, 4),
+        ("ema_update", 630_762_240): (1, 4096, 4), ("ema_update", 100): (1, 128, 4),
+    }
+    for (op, D), want in expected.items():
+        t = dispatch.tiles(op, D, on_cuda=True)
+        assert (t.block_t, t.block_d, t.num_warps) == want, (op, D, t)
+
+
+def test_interpreter_tiles_are_whole_rows_and_use_tiles_overrides():
+    t = dispatch.tiles("gather_tokens", 1280, on_cuda=False)
+    assert (t.block_t, t.block_d) == (16, 2048)          # whole rows, few programs
+    assert dispatch.tiles("ema_update", 77100, on_cuda=False).block_d == 1 << 16
+    with dispatch.use_tiles("cuda"):
+        assert dispatch.tiles("gather_tokens", 1280, on_cuda=False).block_d == 256
+        with dispatch.use_tiles("interpreter"):
+            assert dispatch.tiles("gather_tokens", 1280, on_cuda=True).block_d == 2048
+        assert dispatch.tile_target(False) == "cuda"
+    assert dispatch.tile_target(False) == "interpreter" and dispatch.tile_target(True) == "cuda"
+
+
+def test_tile_errors_name_the_choices():
+    with pytest.raises(ValueError, match="cuda, interpreter"):
+        dispatch.use_tiles("gpu")
+    with pytest.raises(KeyError, match="known ops are"):
+        dispatch.tiles("layer_norm", 64, True)
+
+
+def test_configure_and_backend_context(monkeypatch):
+    monkeypatch.delenv(dispatch.ATTENTION_ENV_VAR, raising=False)
+    dispatch.configure(kernels="reference", attention="sdpa")
+    try:
+        assert dispatch.get_backend() == "reference" and dispatch.get_attention_backend() == "sdpa"
+        with dispatch.backend("triton", attention="reference"):
+            assert dispatch.get_backend() == "triton" and dispatch.get_attention_backend() == "reference"
+        assert dispatch.get_backend() == "reference" and dispatch.get_attention_backend() == "sdpa"
+        dispatch.configure(kernels="auto", attention=None)  # back to the environment
+        assert dispatch.get_backend() == "auto" and dispatch.get_attention_backend() == "auto"
+    finally:
+        dispatch.configure()

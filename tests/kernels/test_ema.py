@@ -1,119 +1,136 @@
-"""kernels/ema.py: EMA paths (loop, foreach, Triton flat, Triton pointer table, Triton per tensor)
-against the formula m * t + (1 - m) * o evaluated in float64.
+"""kernels/ema.py: every path of ``ema_update_flat_`` (Triton flat, Triton pointer table, the reference
+loop) and ``ema_update_reference`` against ``m * t + (1 - m) * o`` evaluated independently in float64.
 
-Tolerance (fp32 result vs float64 formula; values ~N(0, 1)): atol = rtol = 1e-6 (a few ulps; the
-foreach path uses lerp, t + w (o - t), which rounds differently from the formula).
+Tolerance (fp32 result vs the float64 formula; values ~N(0, 1)): atol = rtol = 1e-6 (a few ulps).
 """
 import pytest
 import torch
 
 import kernels.ema as ema
-from kernels.ema import FlatBuffer, as_flat_view, ema_update_, ema_update_flat_, ema_update_reference
+from kernels import dispatch
+from kernels.ema import FlatBuffer, ema_update_flat_, ema_update_reference
 
-# 77100 elements > one interpreter block (65536): the flat kernel and the pointer table both need
-# several programs, one of them partial; (1,) is a one-element tensor.
+# 77100 elements > one interpreter block (65536): the flat kernel needs two programs, one partial;
+# (1,) is a one-element tensor.
 SHAPES = [(1023,), (5, 7), (300, 257), (1,), (384, 3, 4, 4), (1280,)]
 M = 0.996
 
 
-def plain_ema(target, online, m):
+def formula(target, online, m):
+    """m * t + (1 - m) * o in float64, per tensor."""
     return [m * t.double() + (1.0 - m) * o.double() for t, o in zip(target, online)]
 
 
-def make(gen, online_dtype=torch.float32, shapes=SHAPES):
+def make(seed, online_dtype=torch.float32, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
     target = [torch.randn(s, generator=gen) for s in shapes]
     online = [torch.randn(s, generator=gen).to(online_dtype) for s in shapes]
     return target, online
 
 
 def check(actual, expected):
+    assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
+        assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), e, atol=1e-6, rtol=1e-6)
 
 
-def params_of(tensors):
-    return [torch.nn.Parameter(t.clone(), requires_grad=False) for t in tensors]
+def buffer_of(tensors):
+    return FlatBuffer([torch.nn.Parameter(t.clone(), requires_grad=False) for t in tensors])
 
 
-@pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16])
-def test_reference_and_foreach(online_dtype):
-    gen = torch.Generator().manual_seed(0)
-    target, online = make(gen, online_dtype)
-    expected = plain_ema(target, online, M)
-    t1 = [t.clone() for t in target]
-    ema_update_reference(t1, online, M)
-    check(t1, expected)
-    t2 = [t.clone() for t in target]
-    ema.ema_update_foreach_(t2, online, M)
-    check(t2, expected)
-
-
-@pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["flat_target", "both_flat", "lists", "shuffled"])
-def test_triton_paths(triton_backend, monkeypatch, online_dtype, layout):
-    gen = torch.Generator().manual_seed(1)
-    target, online = make(gen, online_dtype)
-    expected = plain_ema(target, online, M)
-    params = params_of(target)
+def record_launches(monkeypatch):
     calls = []
     for name in ("_launch_flat", "_launch_table"):
         real = getattr(ema, name)
         monkeypatch.setattr(ema, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1])
-    if layout != "lists":
-        fb = FlatBuffer(params)
-    if layout == "both_flat":
-        online = FlatBuffer([torch.nn.Parameter(o.float()) for o in online], dtype=online_dtype).views()
-    if layout == "shuffled":  # the caller's order is not the buffer's (engine/ema.py sorts by name)
-        perm = [3, 0, 5, 2, 1, 4]
-        params, online, expected = ([xs[i] for i in perm] for xs in (params, online, expected))
-    ema_update_(params, online, M)
-    check(params, expected)
-    if layout in ("flat_target", "shuffled"):
-        assert calls == ["_launch_table"] and fb.is_intact()      # one launch, online via pointer table
-    elif layout == "both_flat":
-        assert calls == ["_launch_flat"] and fb.is_intact()       # one launch, both flat
-    else:
-        assert calls == ["_launch_flat"] * len(SHAPES)            # one launch per tensor
+    return calls
 
 
-def test_ema_update_flat_accepts_flat_or_list(triton_backend):
-    gen = torch.Generator().manual_seed(2)
-    target, online = make(gen, torch.bfloat16)
-    expected = plain_ema(target, online, 0.9)
-    fb = FlatBuffer(params_of(target))
+@pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_loop_matches_formula(online_dtype):
+    target, online = make(0, online_dtype)
+    expected = formula(target, online, M)
+    t = [x.clone() for x in target]
+    ema_update_reference(t, online, M)
+    check(t, expected)
+
+
+@pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("online_layout", ["list", "flat"])
+def test_triton_matches_formula(triton_backend, monkeypatch, online_dtype, online_layout):
+    target, online = make(1, online_dtype)
+    expected = formula(target, online, M)
+    fb = buffer_of(target)
+    calls = record_launches(monkeypatch)
+    arg = torch.cat([o.reshape(-1) for o in online]) if online_layout == "flat" else online
+    ema_update_flat_(fb.flat, arg, M)
+    check(fb.views(), expected)
+    assert calls == (["_launch_flat"] if online_layout == "flat" else ["_launch_table"])  # one launch
+    assert fb.is_intact()
+
+
+def test_triton_mixed_online_dtypes_and_noncontiguous(triton_backend, monkeypatch):
+    # one launch per online dtype; a non-contiguous online tensor is read correctly
+    target, online = make(2, shapes=[(6, 5), (7,), (3, 4)])
+    online = [online[0].t().contiguous().t(), online[1].to(torch.bfloat16), online[2]]
+    assert not online[0].is_contiguous()
+    expected = formula(target, online, 0.9)
+    fb = buffer_of(target)
+    calls = record_launches(monkeypatch)
     ema_update_flat_(fb.flat, online, 0.9)
     check(fb.views(), expected)
-    fb2 = FlatBuffer(params_of(target))
-    ema_update_flat_(fb2.flat, torch.cat([o.reshape(-1) for o in online]), 0.9)
-    check(fb2.views(), expected)
+    assert calls == ["_launch_table"]
 
 
-def test_ema_update_flat_torch_fallback():
-    gen = torch.Generator().manual_seed(3)
-    target, online = make(gen)
-    fb = FlatBuffer(params_of(target))
-    ema_update_flat_(fb.flat, online, M)  # auto on CPU: lerp on the flat buffer
-    check(fb.views(), plain_ema(target, online, M))
+@pytest.mark.parametrize("online_layout", ["list", "flat"])
+def test_triton_at_cuda_tiles(triton_backend, online_layout):
+    # the CUDA block (4096 elements) under the interpreter: 77100 elements -> 20 flat programs, and
+    # for the list 22 table programs (blocks never straddle two tensors)
+    target, online = make(3, torch.bfloat16)
+    expected = formula(target, online, M)
+    fb = buffer_of(target)
+    arg = torch.cat([o.reshape(-1) for o in online]) if online_layout == "flat" else online
+    with dispatch.use_tiles("cuda"):
+        assert dispatch.tiles("ema_update", fb.numel, False).block_d == 4096
+        ema_update_flat_(fb.flat, arg, M)
+    check(fb.views(), expected)
 
 
-def test_auto_on_cpu_uses_foreach_and_reference_uses_loop(monkeypatch):
-    from kernels import dispatch
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_without_triton_the_reference_loop_runs(monkeypatch, backend):
+    # CPU 'auto' and forced 'reference' take the plain loop on views of the buffer
+    dispatch.set_backend(backend)
     used = []
-    monkeypatch.setattr(ema, "ema_update_foreach_", lambda *a: used.append("foreach"))
-    monkeypatch.setattr(ema, "ema_update_reference", lambda *a: used.append("loop"))
-    target, online = make(torch.Generator().manual_seed(0), shapes=[(3,)])
-    ema_update_(target, online, M)
-    dispatch.set_backend("reference")
-    ema_update_(target, online, M)
-    assert used == ["foreach", "loop"]
+    real = ema.ema_update_reference
+    monkeypatch.setattr(ema, "ema_update_reference", lambda *a: (used.append(1), real(*a))[1])
+    target, online = make(4, torch.bfloat16)
+    fb = buffer_of(target)
+    ema_update_flat_(fb.flat, online, M)
+    check(fb.views(), formula(target, online, M))
+    fb2 = buffer_of(target)
+    ema_update_flat_(fb2.flat, torch.cat([o.reshape(-1) for o in online]), M)  # a ZeRO-3 style partition
+    check(fb2.views(), formula(target, online, M))
+    assert used == [1, 1]
+
+
+def test_shard_local_update(triton_backend):
+    # ZeRO-3: each rank updates the slice of the buffer that matches its flat partition of the online
+    # parameters, independently; together the shards give the full update
+    target, online = make(5, torch.bfloat16, shapes=[(1000,), (37, 3)])
+    fb = buffer_of(target)
+    online_flat = torch.cat([o.reshape(-1) for o in online])
+    bounds = [0, 400, 700, fb.numel]
+    for lo, hi in zip(bounds, bounds[1:]):
+        ema_update_flat_(fb.flat[lo:hi], online_flat[lo:hi], M)
+    check(fb.views(), formula(target, online, M))
 
 
 @pytest.mark.parametrize("m", [0.0, 1.0])
 def test_momentum_edges(triton_backend, m):
-    gen = torch.Generator().manual_seed(4)
-    target, online = make(gen, shapes=[(1023,), (17,)])
-    fb = FlatBuffer(params_of(target))
-    ema_update_(fb.params, online, m)
+    target, online = make(6, shapes=[(1023,), (17,)])
+    fb = buffer_of(target)
+    ema_update_flat_(fb.flat, online, m)
     check(fb.views(), [o.double() for o in online] if m == 0.0 else [t.double() for t in target])
 
 
@@ -122,52 +139,39 @@ def test_flatbuffer_rehomes_module_parameters():
     net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
     x = torch.randn(4, 7)
     before = net(x)
-    fb = FlatBuffer.from_module(net)
-    assert fb.numel == sum(p.numel() for p in net.parameters())
+    fb = FlatBuffer(net.parameters())
+    assert fb.params == list(net.parameters())
+    assert fb.numel == 7 * 5 + 5 + 5 * 3 + 3
     assert torch.equal(net(x), before)
     assert fb.is_intact()
-    assert as_flat_view(list(net.parameters())).data_ptr() == fb.flat.data_ptr()
+    base = fb.flat.data_ptr()
+    assert [p.data_ptr() - base for p in net.parameters()] == [0, 35 * 4, 40 * 4, 55 * 4]
     fb.flat.zero_()  # the module sees writes to the buffer
     assert all(torch.count_nonzero(p) == 0 for p in net.parameters())
     net.load_state_dict({k: torch.ones_like(v) for k, v in net.state_dict().items()})
     assert fb.is_intact() and torch.equal(fb.flat, torch.ones_like(fb.flat))
+    net[0].weight.data = torch.zeros(5, 7)  # re-pointed away from the buffer
+    assert not fb.is_intact()
 
 
-def test_as_flat_view_rejects_non_flat_layouts():
-    buf = torch.zeros(30)
-    a, b, c = buf[0:10], buf[10:20], buf[20:30]
-    assert as_flat_view([a, b, c]).numel() == 30
-    assert as_flat_view([b, c]).data_ptr() == b.data_ptr()
-    assert as_flat_view([a, c]) is None              # gap
-    assert as_flat_view([b, a]) is None              # out of order
-    assert as_flat_view([torch.zeros(3), torch.zeros(3)]) is None
-    assert as_flat_view([buf.view(5, 6).t()]) is None  # non-contiguous
+def test_flatbuffer_keeps_tied_parameters_once():
+    shared = torch.nn.Parameter(torch.randn(3))
+    other = torch.nn.Parameter(torch.randn(2))
+    fb = FlatBuffer([shared, other, shared])
+    assert fb.numel == 5 and len(fb.params) == 2
+    assert torch.equal(fb.flat[:3], shared.detach())
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="2 target tensors but 1"):
-        ema_update_([torch.zeros(2), torch.zeros(2)], [torch.zeros(2)], M)
-    with pytest.raises(ValueError, match="fp32"):
-        ema_update_([torch.zeros(2, dtype=torch.bfloat16)], [torch.zeros(2)], M)
-    with pytest.raises(ValueError, match="elements"):
+    with pytest.raises(ValueError, match="no parameters"):
+        FlatBuffer([])
+    with pytest.raises(ValueError, match="floating-point"):
+        FlatBuffer([torch.zeros(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="has 4 elements but target_flat 5"):
         ema_update_flat_(torch.zeros(5), [torch.zeros(4)], M)
-
-
-def test_auto_on_cuda_routing(monkeypatch):
-    # 'auto' with tensors that dispatch sends to Triton (CUDA in real life; faked here): a flat target
-    # buffer takes the one-launch kernel, ordinary parameters the foreach path (not one launch each).
-    if not ema.triton_available():
-        pytest.skip("triton is not installed")
-    from kernels import dispatch
-    if not dispatch.interpreter_enabled():
-        pytest.skip("needs TRITON_INTERPRET=1")
-    used = []
-    monkeypatch.setattr(ema, "use_triton", lambda *a: True)
-    monkeypatch.setattr(ema, "_launch_table", lambda *a: used.append("table"))
-    monkeypatch.setattr(ema, "_launch_flat", lambda *a: used.append("flat"))
-    monkeypatch.setattr(ema, "ema_update_foreach_", lambda *a: used.append("foreach"))
-    target, online = make(torch.Generator().manual_seed(0), shapes=[(3,), (4, 2)])
-    ema_update_(params_of(target), online, M)
-    fb = FlatBuffer(params_of(target))
-    ema_update_(fb.params, online, M)
-    assert used == ["foreach", "table"]
+    with pytest.raises(ValueError, match="contiguous 1-D fp32"):
+        ema_update_flat_(torch.zeros(5, dtype=torch.bfloat16), [torch.zeros(5)], M)
+    with pytest.raises(ValueError, match="contiguous 1-D fp32"):
+        ema_update_flat_(torch.zeros(2, 3), [torch.zeros(6)], M)
+    with pytest.raises(ValueError, match="use fp32, bf16 or fp16"):
+        ema_update_flat_(torch.zeros(3), [torch.zeros(3, dtype=torch.float64)], M)

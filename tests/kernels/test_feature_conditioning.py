@@ -153,15 +153,22 @@ def test_feature_conditioning_bf16_autocast(triton_backend):
                                    msg=lambda m, k=k: f"grad {k}: {m}")
 
 
-@pytest.mark.parametrize("H", [384, 1023])
-def test_feature_conditioning_gpu_tiling(triton_backend, monkeypatch, H):
-    # the GPU block choice (H = 384 -> 3 column tiles of 128; 1023 -> 2 of 512) under the interpreter:
-    # the action-gradient atomics then add partial sums from several column tiles per token
+@pytest.mark.parametrize("H,blocks", [(384, (32, 128)), (512, (8, 512)), (1023, (8, 512))])
+def test_feature_conditioning_at_cuda_tiles(cuda_tiles, launch_grids, H, blocks):
+    # the CUDA tiles under the interpreter (384 -> 3 column tiles of 128, 1023 -> 2 of 512, 512 (ViT-H
+    # predictor) -> 1; several row tiles): the action-gradient atomics add partial sums from several column tiles per token, the
+    # P / b1 / w1 gradient atomics from several row tiles
     import kernels.feature_conditioning as mod
-    orig = mod._blocks
-    monkeypatch.setattr(mod, "_blocks", lambda T, H_, on_cuda: orig(T, H_, True))
-    assert mod._blocks(37, H, False)[1] < H
+    from kernels import dispatch
+    t = dispatch.tiles("feature_conditioning", H, False)
+    assert (t.block_t, t.block_d) == blocks
+    fwd, bwd = launch_grids(mod, "_fc1_gelu_fwd_kernel"), launch_grids(mod, "_fc1_gelu_bwd_kernel")
     gen = torch.Generator().manual_seed(H)
     params = make_params(64, H, 48, 7, 20, 3, gen)
-    pos, bat = ragged_tokens([1, 20, 16], 20, gen)
+    sizes = [1, 20, 16] if blocks[0] < 32 else [1, 20, 16, 20]  # more rows than one row tile
+    params["action"] = torch.randn(len(sizes), 7, generator=gen)
+    pos, bat = ragged_tokens(sizes, 20, gen)
     run_and_check(feature_conditioning, params, pos, bat, expect_fused=True)
+    expected_grid = (-(-sum(sizes) // blocks[0]), -(-H // blocks[1]))
+    assert fwd == [expected_grid] and bwd == [expected_grid]
+    assert expected_grid[0] > 1 and (expected_grid[1] > 1) == (H != 512)  # 512: one column tile

@@ -114,17 +114,22 @@ def test_gather_rejects_bad_shapes():
         gather_tokens(torch.randn(1, 4, 5), torch.tensor([[0]]))
 
 
-def test_gather_gpu_tiling(triton_backend, monkeypatch):
-    # the GPU block choice (several column tiles per row: 1280 -> 5 x 256) under the interpreter
+@pytest.mark.parametrize("D,blocks", [(768, (16, 256)), (1280, (16, 256)), (1023, (4, 1024))])
+def test_gather_at_cuda_tiles(cuda_tiles, launch_grids, D, blocks):
+    # the CUDA tiles under the interpreter: several column tiles per row (768 -> 3 x 256, 1280 -> 5 x
+    # 256), several row tiles, and repeated indices whose fp32 atomics come from different row tiles
     import kernels.gather as mod
-    orig = mod._blocks
-    monkeypatch.setattr(mod, "_blocks", lambda T, D, on_cuda: orig(T, D, True))
-    assert mod._blocks(38, 1280, False) == (16, 256)
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 20, 1280, generator=gen, requires_grad=True)
-    idx = ragged_idx([1, 20, 17], 20, gen, repeats=True)
+    from kernels import dispatch
+    t = dispatch.tiles("gather_tokens", D, False)
+    assert (t.block_t, t.block_d) == blocks
+    fwd, bwd = launch_grids(mod, "_gather_fwd_kernel"), launch_grids(mod, "_gather_bwd_kernel")
+    gen = torch.Generator().manual_seed(D)
+    x = torch.randn(3, 12, D, generator=gen, requires_grad=True)
+    idx = ragged_idx([1, 12, 11], 12, gen, repeats=True)  # T = 24
     out = gather_tokens(x, idx)
     assert torch.equal(out, plain_gather(x.detach(), idx))
     g = torch.randn(out.shape, generator=gen)
     out.backward(g)
-    torch.testing.assert_close(x.grad.double(), plain_gather_grad(g, idx, (3, 20, 1280)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.double(), plain_gather_grad(g, idx, (3, 12, D)), atol=1e-6, rtol=1e-6)
+    expected_grid = (-(-24 // blocks[0]), -(-D // blocks[1]))
+    assert fwd == [expected_grid] and bwd == [expected_grid]

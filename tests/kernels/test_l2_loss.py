@@ -118,17 +118,22 @@ def test_masked_l2_bf16_inputs(triton_backend):
     torch.testing.assert_close(pred.grad.double(), exp_grad, rtol=0, atol=1e-2 * exp_grad.abs().max().item())
 
 
-def test_masked_l2_gpu_tiling(triton_backend, monkeypatch):
-    # the GPU block choice (4 rows of 2048 columns per program for D = 1280) under the interpreter
+@pytest.mark.parametrize("D,blocks", [(768, (8, 1024)), (1280, (4, 2048))])
+def test_masked_l2_at_cuda_tiles(cuda_tiles, launch_grids, D, blocks):
+    # the CUDA tiles under the interpreter (whole rows, 8 x 1024 or 4 x 2048 per program): several
+    # programs, the last one partial, their partial sums added in order
     import kernels.l2_loss as mod
-    orig = mod._blocks
-    monkeypatch.setattr(mod, "_blocks", lambda T, D, on_cuda: orig(T, D, True))
+    from kernels import dispatch
+    t = dispatch.tiles("masked_l2_loss", D, False)
+    assert (t.block_t, t.block_d, t.num_warps) == (*blocks, 8)
+    grids = launch_grids(mod, "_masked_l2_fwd_kernel")
     gen = torch.Generator().manual_seed(6)
-    target = torch.randn(2, 16, 1280, generator=gen) * 3.0 + 2.0
-    idx = ragged_idx([7, 6], 16, gen)
-    pred = torch.randn(len(idx), 1280, generator=gen, requires_grad=True)
+    target = torch.randn(2, 16, D, generator=gen) * 3.0 + 2.0
+    idx = ragged_idx([7, 6], 16, gen)  # T = 13
+    pred = torch.randn(len(idx), D, generator=gen, requires_grad=True)
     loss = masked_l2_loss(pred, target, idx)
     exp_loss, exp_grad = plain_l2(pred.detach(), target, idx)
     assert loss.item() == pytest.approx(exp_loss, rel=1e-5)
     loss.backward()
     _grad_close(pred.grad, exp_grad)
+    assert grids == [(-(-13 // blocks[0]),)]

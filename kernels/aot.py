@@ -1,0 +1,203 @@
+"""Compile every Triton kernel of ``kernels/`` for a CUDA architecture without a GPU, and read back
+each kernel's registers, spills and shared memory.
+
+Triton compiles for the target its active driver reports. :class:`TargetDriver` stands in for the CUDA
+driver and reports ``GPUTarget("cuda", arch, 32)``; ``kernel.warmup(...)`` then runs the whole
+pipeline (Triton IR, LLVM, PTX, and ``ptxas`` from the Triton wheel) without launching anything, and
+``cuobjdump --dump-resource-usage`` (also in the wheel) reads the cubin. A spill shows as local memory
+(``LOCAL`` / ``STACK`` bytes per thread: the kernels here use no local arrays, so any is a spill).
+
+Each op module lists the launches a training step makes, through the same argument builders its
+launcher uses, at the CUDA tiles of :data:`kernels.dispatch.TILE_POLICIES`: ``aot_launches(shapes)``,
+with :func:`mock` tensors standing in for the real ones (a dtype and a shape: all the compiler sees).
+
+This must run where ``TRITON_INTERPRET`` is off (with it on, ``@triton.jit`` builds interpreter
+functions): ``benchmarks/compile_table.py`` runs it as a script, and ``tests/kernels/test_compile.py``
+runs that in a subprocess. Nothing here needs CUDA, and nothing here imports ``engine/``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from kernels.dispatch import Tiles
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ARCHS = (80, 90)
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes a recipe runs the kernels at (derived from a recipe's config by the caller)."""
+
+    recipe: str
+    batch: int            # images per GPU
+    patches: int          # N = grid * grid
+    enc_width: int        # encoder width: context gather, loss
+    pred_width: int       # predictor width: feature conditioning
+    action_dim: int       # A
+    target_tokens: int    # T of the loss and of feature conditioning (packed over the batch)
+    context_tokens: int   # T of the context gather
+    encoder_params: int   # elements of the target encoder's flat buffer
+    encoder_tensors: int  # parameter tensors of the encoder
+
+
+def mock(dtype: torch.dtype, *shape: int):
+    """A tensor stand-in for compilation: a dtype, a shape, contiguous strides, a 16-byte-aligned address."""
+    from triton.runtime.jit import MockTensor
+
+    return MockTensor(dtype, list(shape) or [1])
+
+
+@dataclass
+class Launch:
+    """One kernel specialisation: the JIT function, its arguments (mocks and ints) and meta-parameters."""
+
+    kernel: object
+    args: tuple
+    meta: dict
+    dtype: str
+    tiles: Tiles
+    variant: str = ""
+    recipes: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def key(self) -> tuple:
+        """What the compiled code depends on: constexprs, dtypes and the ints' divisibility by 16."""
+        def norm(a):
+            if hasattr(a, "data_ptr"):
+                return ("pointer", str(a.dtype))
+            if isinstance(a, bool):
+                return a
+            if isinstance(a, int):
+                return ("int", a == 1, a % 16 == 0, a >= 2 ** 31)
+            return type(a).__name__
+        return (self.name, tuple(norm(a) for a in self.args), tuple(sorted((k, str(v)) for k, v in self.meta.items())))
+
+
+def launches(shapes_list: Sequence[Shapes]) -> List[Launch]:
+    """Every op's launches at every recipe's shapes, de-duplicated (identical specialisations compile
+    to identical code; ``Launch.recipes`` says which recipes need each)."""
+    from kernels import ema, feature_conditioning, gather, l2_loss
+
+    out: Dict[tuple, Launch] = {}
+    for shapes in shapes_list:
+        for module in (gather, l2_loss, feature_conditioning, ema):
+            for launch in module.aot_launches(shapes):
+                kept = out.setdefault(launch.key(), launch)
+                if shapes.recipe not in kept.recipes:
+                    kept.recipes.append(shapes.recipe)
+    return list(out.values())
+
+
+class TargetDriver:
+    """Stands in for Triton's CUDA driver: reports a compute capability, owns no device."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", int(arch), 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def _tool(name: str) -> str:
+    from triton import knobs
+
+    return getattr(knobs.nvidia, name).path
+
+
+_RESOURCE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """Registers per thread, stack and local bytes per thread, static shared bytes (``cuobjdump``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], check=True,
+                              capture_output=True, text=True).stdout
+    finally:
+        os.remove(path)
+    m = _RESOURCE.search(text)
+    if m is None:
+        raise RuntimeError(f"cuobjdump --dump-resource-usage: no function found in:\n{text}")
+    return dict(registers=int(m.group(2)), stack_bytes=int(m.group(3)), static_shared_bytes=int(m.group(4)),
+                local_bytes=int(m.group(5)))
+
+
+def use_target(arch: int, kernels: Sequence[object] = ()) -> None:
+    """Make Triton compile for ``sm_<arch>`` in this process: install :class:`TargetDriver` (for good:
+    nothing can be launched afterwards, so compile in a process of its own) and drop the per-device
+    caches of ``kernels`` (JIT functions), which remember the target they were first used with."""
+    from triton.runtime import driver
+
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
+        raise RuntimeError("kernels.aot needs TRITON_INTERPRET off before triton is imported "
+                           "(run benchmarks/compile_table.py in a fresh process with TRITON_INTERPRET=0)")
+    driver.set_active(TargetDriver(arch))
+    for kernel in kernels:
+        kernel.device_caches.clear()
+
+
+def compile_launch(launch: Launch, arch: int) -> dict:
+    """Compile ``launch`` for ``sm_<arch>`` (after :func:`use_target`); a row of the resource table.
+    Raises on a compile error (``ptxas`` included)."""
+    try:
+        compiled = launch.kernel.warmup(*launch.args, grid=(1,), **launch.meta)
+    except Exception as e:  # CompilationError, PTXASError, ...: say which specialisation, keep the message
+        t = launch.tiles
+        raise RuntimeError(f"{launch.name} ({launch.variant or 'default'}, {launch.dtype}, tiles "
+                           f"{t.block_t}x{t.block_d}, {launch.meta.get('num_warps', 4)} warps) does not compile "
+                           f"for sm_{arch}: {type(e).__name__}: {e}") from None
+    usage = resource_usage(compiled.asm["cubin"])
+    spill_bytes = usage["stack_bytes"] + usage["local_bytes"]
+    t = launch.tiles
+    return dict(kernel=launch.name, variant=launch.variant, arch=f"sm_{arch}", dtype=launch.dtype,
+                tiles=f"{t.block_t}x{t.block_d}", num_warps=launch.meta.get("num_warps", 4),
+                registers=usage["registers"], spills=spill_bytes // 4, spill_bytes=spill_bytes,
+                shared_bytes=int(compiled.metadata.shared), static_shared_bytes=usage["static_shared_bytes"],
+                recipes=list(launch.recipes))
+
+
+def compile_all(shapes_list: Sequence[Shapes], archs: Sequence[int] = ARCHS,
+                only: Optional[str] = None, maxnreg: Optional[int] = None) -> List[dict]:
+    """Compile every launch for every arch; rows in a stable order. ``only``: a kernel-name substring;
+    ``maxnreg``: cap the registers per thread (shows where a kernel would start to spill)."""
+    todo = [launch for launch in launches(shapes_list) if not only or only in launch.name]
+    if maxnreg:
+        for launch in todo:
+            launch.meta["maxnreg"] = int(maxnreg)
+    rows = []
+    for arch in archs:
+        use_target(arch, {id(launch.kernel): launch.kernel for launch in todo}.values())
+        rows += [compile_launch(launch, arch) for launch in todo]
+    return rows
