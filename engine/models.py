@@ -95,7 +95,10 @@ class Encoder(nn.Module):
         self.grid = (gh, gw)
         self.embed_dim = dim
         self.vit.pos_embed.data.copy_(sincos_2d(dim, gh, gw)[None])
-        self.vit.pos_embed.requires_grad_(False)
+        self.vit.pos_embed.requires_grad_(False)  # kept for timm state-dict compatibility
+        # the forward reads the fixed positions from a buffer: a parameter read outside its module's forward
+        # would be an external parameter to ZeRO-3, fetched out of its traced order
+        self.register_buffer("pos_embed", sincos_2d(dim, gh, gw)[None], persistent=False)  # [1, N, D]
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
         self.checkpointing = cfg.train.activation_checkpointing
@@ -106,7 +109,7 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: Optional[MaskBatch] = None) -> torch.Tensor:
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-        x = self.vit.patch_embed(x) + self.vit.pos_embed  # [B, N, D]
+        x = self.vit.patch_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
         layout = None
         if masks is not None:
             x = gather_tokens(x, masks.flat_context())[None]  # [1, Tc, D]
@@ -234,6 +237,14 @@ class IWM(nn.Module):
         super().__init__()
         self.encoder = Encoder(cfg)
         self.predictor = Predictor(cfg, self.encoder.embed_dim, self.encoder.grid, cfg.views.action_dim)
+
+    def external_parameters(self):
+        """(module, parameter) pairs where a module's forward reads a parameter of another module (the fused
+        feature conditioning reads its fc layers' weights): ZeRO-3 must be told before the first forward."""
+        cond = self.predictor.cond
+        if isinstance(cond, FeatureConditioning):
+            return [(cond, p) for p in cond.parameters()]
+        return []
 
     def forward(self, source_view: torch.Tensor, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
         context = self.encoder(source_view, masks)  # [Tc, D]

@@ -272,6 +272,9 @@ class Run:
         engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, self.info.world_size))
         engine.checkpoint_engine = ckpt_lib.SafeCheckpointEngine()  # resume never unpickles code
+        if cfg.train.zero_stage == 3:
+            for module, param in getattr(task.model, "external_parameters", list)():
+                deepspeed.zero.register_external_parameter(module, param)
         check_same_across_ranks(task.target_encoder.module, self.device)
         engine.train()
         if self.info.is_main:

@@ -146,33 +146,6 @@ def test_eval_cli_on_folders_and_bad_input(trained_run, tmp_path):
         assert needle in p.stderr.lower() and "Traceback" not in p.stderr, p.stderr
 
 
-def deepspeed_launch(out, stage, steps=6):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    sets = [a for t in TINY for a in ("--set", t)]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(29500 + stage * 7 + os.getpid() % 97), "recipes/pretrain_tiny.py", "--out", str(out),
-           "--steps", str(steps), "--set", f"train.zero_stage={stage}", "--set", "train.ckpt_every=3", *sets]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
-def test_deepspeed_two_cpu_ranks(tmp_path, stage):
-    p = deepspeed_launch(tmp_path / "ds", stage)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    cfg = json.loads((tmp_path / "ds" / "config.json").read_text())
-    assert cfg["train"]["zero_stage"] == stage
-    ckpt = torch.load(tmp_path / "ds" / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 6
-    # the DeepSpeed engine state was written for both ranks' optimizer partitions
-    tag_dir = tmp_path / "ds" / "ds" / "step_00000006"
-    files = os.listdir(tag_dir)
-    assert sum("optim_states" in f for f in files) == 2, files
-    assert "final loss" in p.stdout
-    rows = read_metrics(tmp_path / "ds")
-    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows if r.get("loss"))
-
-
 @pytest.mark.slow
 def test_resume_restores_weights_and_target_encoder(trained_run, tmp_path):
     """Resuming at the step it stopped (nothing left to train) must reproduce the saved weights exactly:
