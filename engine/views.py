@@ -40,12 +40,12 @@ The ops follow torchvision (``transforms.v2.functional``) on float images in [0,
               without an RGB -> HSV -> RGB round trip
   blur        gaussian, kernel size 2 * ceil(3 sigma) + 1, reflect padding
   grayscale   3-channel luma;   solarize   x >= threshold -> 1 - x
-The three blends are one per-sample 3x3 colour matrix plus offset (one batched matmul).
-
-No Python loop over samples and no host sync on an accelerator: each op runs on the whole batch and the
-samples that skip it keep their input. On the CPU (where there is no device to wait for) each op runs
-only on the samples that need it, which is what makes the data pipeline fast there
-(``benchmarks/data_pipeline.py``); both paths give the same pixels.
+Implementation: the three blends are one per-sample 3x3 colour matrix plus offset (one batched matmul);
+the hue is computed once per jitter (each sample's blends before it and after it go in slots around it,
+:func:`_slots`); the blur is two batched matmuls with per-sample matrices holding the taps and the reflect
+padding. No Python loop over samples and no host sync on an accelerator: each op runs on the whole batch
+and the samples that skip it keep their input. On the CPU (no device to wait for) each op runs only on
+the samples that need it; both paths give the same pixels. Throughput: ``benchmarks/data_pipeline.py``.
 """
 from __future__ import annotations
 
