@@ -26,16 +26,17 @@ class ViewConfig:
     crop_scale: Tuple[float, float] = (0.3, 1.0)
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     hflip_p: float = 0.5
-    # colour jitter, drawn independently for the source view x and the target view y
+    # colour jitter: the target y = J_y(I) and the source's further jitter J_x(y) (docs/method.md)
     jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
     hue: float = 0.1
-    # 'random': the four jitter ops run in a random order per sample (as torchvision's ColorJitter) and
-    # the order is recorded; 'fixed': always brightness, contrast, saturation, hue.
+    # 'random': the four jitter ops run in a random order per sample (as torchvision's ColorJitter; the
+    # paper does not say) and the action encodes the order; 'fixed': always brightness, contrast,
+    # saturation, hue, and the action has no order columns.
     jitter_order: str = "random"
-    # destructive transforms, source view only
+    # destructive transforms, source view only, after its jitter
     blur_p: float = 0.2
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
     grayscale_p: float = 0.2
@@ -43,9 +44,18 @@ class ViewConfig:
     solarize_threshold: float = 0.5
 
     @property
+    def action_columns(self) -> Tuple[str, ...]:
+        """The action's columns (engine/views.py): the inverse of the source's jitter (factors, hue and,
+        for a random order, each op's step in it / 3), then the source's destructive ops."""
+        order = (("rank_brightness", "rank_contrast", "rank_saturation", "rank_hue")
+                 if self.jitter_order == "random" else ())
+        return (("brightness", "contrast", "saturation", "hue") + order
+                + ("blur", "blur_sigma", "grayscale", "solarize"))
+
+    @property
     def action_dim(self) -> int:
-        # [d_brightness, d_contrast, d_saturation, d_hue, blur, grayscale, solarize]
-        return 7
+        """The one definition of the action's width: 12 with jitter_order 'random', 8 with 'fixed'."""
+        return len(self.action_columns)
 
     def validate(self) -> None:
         for name in ("hflip_p", "jitter_p", "blur_p", "grayscale_p", "solarize_p"):
@@ -69,7 +79,7 @@ class ViewConfig:
 
 
 def strong_jitter() -> ViewConfig:
-    """The 'strong jitter' ablation of PAPER.md (about 0.8/0.8/0.8/0.2)."""
+    """The 'strong jitter' ablation (docs/method.md, "Views and the action"): about 0.8/0.8/0.8/0.2."""
     return ViewConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
 
 
@@ -101,14 +111,18 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Masks: union of blocks as target, complement as context
+# Masks: union of blocks as target; context = one large block minus the targets (I-JEPA)
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class MaskConfig:
     num_blocks: int = 4
-    block_scale: Tuple[float, float] = (0.15, 0.2)  # fraction of the patch grid per block
-    aspect_ratio: Tuple[float, float] = (0.75, 1.5)
-    min_context: int = 4  # redraw the union if fewer context patches remain
+    block_scale: Tuple[float, float] = (0.15, 0.2)  # fraction of the patch grid per target block
+    aspect_ratio: Tuple[float, float] = (0.75, 1.5)  # target blocks' height / width
+    # 'block': the context is one block of context_scale of the grid (aspect 1) with the targets removed
+    # (I-JEPA's encoder mask, about 41% of a 14x14 grid); 'complement': every non-target patch (about 52%)
+    context: str = "block"
+    context_scale: Tuple[float, float] = (0.85, 1.0)
+    min_context: int = 4  # a sample left with fewer context patches is redrawn (targets and context block)
 
     def validate(self) -> None:
         if self.num_blocks < 1:
@@ -119,6 +133,12 @@ class MaskConfig:
         lo, hi = self.aspect_ratio
         if not 0.0 < lo <= hi:
             raise ConfigError(f"masks.aspect_ratio={self.aspect_ratio}: need 0 < min <= max")
+        if self.context not in ("block", "complement"):
+            raise ConfigError(f"masks.context={self.context!r}: use 'block' (I-JEPA's context block) or "
+                              f"'complement'")
+        lo, hi = self.context_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"masks.context_scale={self.context_scale}: need 0 < min <= max <= 1")
         if self.min_context < 1:
             raise ConfigError(f"masks.min_context={self.min_context}: the encoder needs at least one token")
 
