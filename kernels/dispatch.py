@@ -221,7 +221,8 @@ TILE_POLICIES: Dict[str, Dict[str, TilePolicy]] = {
     "masked_l2_loss": {"cuda": TilePolicy(elements=8192, max_rows=64), "interpreter": _INTERPRETER_ROWS},
     "gather_tokens": {"cuda": TilePolicy(elements=4096, max_rows=64, columns=(1024, 512, 256, 128)),
                       "interpreter": _INTERPRETER_ROWS},
-    "feature_conditioning": {"cuda": TilePolicy(elements=4096, max_rows=64, columns=(512, 256, 128)),
+    # 2048 elements: with the 12-column action the backward spilled at 4096 (sm_80 fp32, sm_90 fp32)
+    "feature_conditioning": {"cuda": TilePolicy(elements=2048, max_rows=64, columns=(512, 256, 128)),
                              "interpreter": _INTERPRETER_ROWS},
     "ema_update": {"cuda": TilePolicy(elements=4096, max_rows=1, columns=(4096,)),
                    "interpreter": TilePolicy(elements=1 << 16, max_rows=1, columns=(1 << 16,))},

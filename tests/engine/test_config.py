@@ -11,7 +11,7 @@ def test_defaults_follow_the_paper():
     assert (v.blur_p, v.grayscale_p) == (0.2, 0.2)
     assert cfg.masks.num_blocks == 4 and cfg.masks.block_scale == (0.15, 0.2)
     assert cfg.optim.ema == (0.996, 1.0) and cfg.optim.lr == 1e-3
-    assert cfg.eval.mrr_candidates == 256 and v.action_dim == 7
+    assert cfg.eval.mrr_candidates == 256 and v.action_dim == 12
 
 
 def test_override_and_roundtrip():

@@ -20,7 +20,7 @@ def one_step(backend):
     masks = MaskSampler(cfg.masks, 4, 4).sample(3, g)
     source = torch.rand(3, 3, 32, 32, generator=g)
     target_view = torch.rand(3, 3, 32, 32, generator=g)
-    action = torch.randn(3, 7, generator=g)
+    action = torch.randn(3, cfg.views.action_dim, generator=g)
     with dispatch.backend(backend):
         with torch.no_grad():
             feats = target(target_view)

@@ -153,7 +153,7 @@ def test_saved_activations_match_autograd(monkeypatch):
         return t
 
     with dispatch.backend("reference", attention="sdpa"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        pred = model(torch.randn(B, 3, 32, 32), masks, torch.randn(B, 7))
+        pred = model(torch.randn(B, 3, 32, 32), masks, torch.randn(B, cfg.views.action_dim))
         masked_l2_loss(pred, torch.randn(B, 16, 32), masks.flat_target())
     c, t = masks.context_counts, masks.target_counts
     tok = TokenStats(16, sum(c) / B, sum(t) / B, max(c), max(a + b for a, b in zip(c, t)), B)

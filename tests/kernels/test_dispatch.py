@@ -125,8 +125,8 @@ def test_cuda_tiles_at_the_recipe_widths():
         ("gather_tokens", 512): (8, 512, 4), ("gather_tokens", 100): (32, 128, 4),
         ("masked_l2_loss", 768): (8, 1024, 8), ("masked_l2_loss", 1280): (4, 2048, 8),
         ("masked_l2_loss", 64): (64, 64, 4),
-        ("feature_conditioning", 384): (32, 128, 4), ("feature_conditioning", 512): (8, 512, 4),
-        ("feature_conditioning", 1023): (8, 512, 4),
+        ("feature_conditioning", 384): (16, 128, 4), ("feature_conditioning", 512): (4, 512, 4),
+        ("feature_conditioning", 1023): (4, 512, 4),
         ("ema_update", 630_762_240): (1, 4096, 4), ("ema_update", 100): (1, 128, 4),
     }
     for (op, D), want in expected.items():

@@ -153,7 +153,7 @@ def test_feature_conditioning_bf16_autocast(triton_backend):
                                    msg=lambda m, k=k: f"grad {k}: {m}")
 
 
-@pytest.mark.parametrize("H,blocks", [(384, (32, 128)), (512, (8, 512)), (1023, (8, 512))])
+@pytest.mark.parametrize("H,blocks", [(384, (16, 128)), (512, (4, 512)), (1023, (4, 512))])
 def test_feature_conditioning_at_cuda_tiles(cuda_tiles, launch_grids, H, blocks):
     # the CUDA tiles under the interpreter (384 -> 3 column tiles of 128, 1023 -> 2 of 512, 512 (ViT-H
     # predictor) -> 1; several row tiles): the action-gradient atomics add partial sums from several column tiles per token, the
