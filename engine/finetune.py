@@ -511,7 +511,10 @@ def finetune(cfg: IWMConfig, dist_info=None):
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     task = TASKS[cfg.finetune.protocol](cfg, info.device, info.rank, source)
-    return Run(cfg, info).fit(task)
+    result = Run(cfg, info).fit(task)
+    if info.is_main:
+        write_result(cfg, result)
+    return result
 
 
 def load_finetuned(path: str, device) -> tuple:
@@ -528,3 +531,93 @@ def load_finetuned(path: str, device) -> tuple:
         raise CheckpointError(f"{path!r}: weights do not match the config stored with them "
                               f"({str(e).splitlines()[0][:200]})") from None
     return cfg, model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probes from the command line, results files, the report table
+# ----------------------------------------------------------------------------------------------------
+def probe_config(checkpoint: str, protocol: str, out_dir: str, data: Optional[str] = None,
+                 val: Optional[str] = None, epochs: float = 20, batch_size: int = 64, lr: float = 1e-3,
+                 encoder_weights: str = "target", seed: int = 0) -> IWMConfig:
+    """A probe run (finetune.protocol 'linear' or 'attentive') on the pretraining run's own data settings:
+    AdamW, 1 warmup epoch then cosine, random resized crop (0.08-1) + flip, plain cross-entropy."""
+    source = ckpt_lib.load_weights(checkpoint)
+    cfg = IWMConfig.from_dict(source.get("config", {}))
+    cfg.finetune = dataclasses.replace(cfg.finetune, checkpoint=checkpoint, protocol=protocol,
+                                       encoder_weights=encoder_weights, val_data=val or "", drop_path=0.0)
+    if data is not None:
+        cfg.data.dataset = data
+    cfg.data.batch_size = batch_size
+    cfg.optim = dataclasses.replace(cfg.optim, epochs=epochs, warmup_epochs=min(1.0, epochs / 10), max_steps=None,
+                                    start_lr=lr / 10, lr=lr, final_lr=lr / 100, global_batch=None,
+                                    weight_decay=0.0 if protocol == "linear" else 0.05,
+                                    final_weight_decay=0.0 if protocol == "linear" else 0.05)
+    cfg.train = dataclasses.replace(cfg.train, out_dir=out_dir, seed=seed, eval_every=0, resume=False,
+                                    ckpt_every=10 ** 9, zero_stage=min(cfg.train.zero_stage, 2))
+    return cfg
+
+
+def write_result(cfg: IWMConfig, result) -> str:
+    """``finetune.json`` in the run directory: what ``python -m engine.eval report`` reads."""
+    path = os.path.join(cfg.train.out_dir, "finetune.json")
+    ckpt_lib.atomic_write_json(path, {
+        "protocol": cfg.finetune.protocol, "predictor_init": cfg.finetune.predictor_init,
+        "encoder_weights": cfg.finetune.encoder_weights, "source": os.path.abspath(cfg.finetune.checkpoint),
+        "step": result.step, **{k: float(v) for k, v in result.metrics.items()}})
+    return path
+
+
+COLUMNS = [("encoder FT", "encoder"), ("frozen enc + random pred", "predictor/random"),
+           ("frozen enc + pretrained pred", "predictor/pretrained"), ("end-to-end", "end_to_end"),
+           ("linear", "linear"), ("attentive", "attentive"), ("MRR", "mrr")]
+
+
+def _source_run(path: str) -> str:
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if path.endswith(".pt") else path
+
+
+def report_table(runs: List[str]) -> str:
+    """A markdown table shaped like the paper's: a row per pretraining run, a column per protocol (top-1 %, the
+    best kept checkpoint's) plus MRR. ``runs``: pretraining and finetuning run directories, in any order; a
+    finetuning run joins the row of the pretraining run it started from."""
+    import json
+
+    rows: Dict[str, Dict[str, float]] = {}
+    names: Dict[str, str] = {}
+
+    def read(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    for run in runs:
+        if not os.path.isdir(run):
+            raise DataError(f"report: {run} is not a run directory")
+        ft = read(os.path.join(run, "finetune.json"))
+        if ft is not None:
+            key = _source_run(ft["source"])
+            column = ft["protocol"] + (f"/{ft['predictor_init']}" if ft["protocol"] == "predictor" else "")
+            rows.setdefault(key, {})[column] = ft.get("best_top1", ft.get("top1"))
+            continue
+        key = os.path.abspath(run)
+        cfg = read(os.path.join(run, "config.json"))
+        if cfg is None and not os.path.isfile(os.path.join(run, "checkpoint.pt")):
+            raise DataError(f"report: {run} holds neither a pretraining run (config.json) nor finetune.json")
+        names[key] = (cfg or {}).get("name") or os.path.basename(key)
+        row = rows.setdefault(key, {})
+        for column, file, field in (("mrr", "mrr.json", "mrr"), ("linear", "linear.json", "val_top1"),
+                                    ("attentive", "attentive.json", "val_top1")):
+            got = read(os.path.join(run, file))
+            if got is not None and field in got:
+                row.setdefault(column, got[field])
+    lines = ["| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for key, row in rows.items():
+        cells = []
+        for _, col in COLUMNS:
+            v = row.get(col)
+            cells.append("" if v is None else (f"{v:.3f}" if col == "mrr" else f"{v:.1f}"))
+        lines.append(f"| {names.get(key, os.path.basename(key))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
