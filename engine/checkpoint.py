@@ -188,7 +188,7 @@ class RunDir:
     """One run directory: its lock, its checkpoints, its config."""
 
     MOVABLE = ("ds", "checkpoint.pt", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
-               "linear.json")
+               "linear.json", "best.pt", "finetune.json", "attentive.json")
 
     def __init__(self, path: str):
         self.path = path
