@@ -98,9 +98,10 @@ def write_weights(path: str, payload: dict) -> None:
     from safetensors.torch import save_file
 
     atomic_save(payload, path)
-    tensors = {f"{part}.{k}": v.contiguous() for part in ("encoder", "predictor", "target_encoder")
-               for k, v in payload[part].items()}
-    meta = {"format": FORMAT, "config": json.dumps(payload["config"]), "step": str(payload["step"])}
+    tensors = {f"{part}.{k}": v.contiguous() for part, sd in payload.items() if isinstance(sd, dict)
+               for k, v in sd.items() if torch.is_tensor(v)}
+    meta = {"format": FORMAT, "kind": str(payload.get("kind", "pretrain")), "config": json.dumps(payload["config"]),
+            "step": str(payload["step"])}
     atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), "model.safetensors"),
                  lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -196,8 +197,13 @@ def _all_ok(ok: bool) -> bool:
 class RunDir:
     """One run directory: its lock, its checkpoints, its config."""
 
+<<<<<<< HEAD
     MOVABLE = ("ds", "checkpoint.pt", "model.safetensors", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
                "linear.json")
+=======
+    MOVABLE = ("ds", "checkpoint.pt", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
+               "linear.json", "best.pt", "finetune.json", "attentive.json")
+>>>>>>> wip-finetune
 
     def __init__(self, path: str):
         self.path = path

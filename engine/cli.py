@@ -1,9 +1,13 @@
 """The command line, in one place: the flags every recipe shares, the eval commands, and the one handler
 that turns bad input into one line and exit code 2.
 
-    python recipes/pretrain_tiny.py [--data DIR] [--out DIR] [--steps N] [--fresh] [--set SECTION.FIELD=VALUE]
-    python -m engine.eval mrr    --ckpt RUN [--data DIR] [--images N] [--candidates K]
-    python -m engine.eval linear --ckpt RUN [--data TRAIN_DIR --val VAL_DIR]
+    python recipes/pretrain_tiny.py [--data DIR] [--out DIR] [--steps N] [--fresh] [--smoke] [--set SECTION.FIELD=VALUE]
+    python recipes/finetune_encoder.py --ckpt PRETRAIN_RUN [--data TRAIN_DIR --val VAL_DIR] [...]
+    python -m engine.eval mrr       --ckpt RUN [--data DIR] [--images N] [--candidates K]
+    python -m engine.eval linear    --ckpt RUN [--data TRAIN_DIR --val VAL_DIR] [--protocol quick|paper]
+    python -m engine.eval attentive --ckpt RUN [--data TRAIN_DIR --val VAL_DIR] [--epochs E]
+    python -m engine.eval finetune  --ckpt FINETUNE_RUN [--data TRAIN_DIR --val VAL_DIR]
+    python -m engine.eval report    RUN [RUN ...]
 """
 from __future__ import annotations
 
@@ -49,12 +53,43 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start over: an existing run in the directory is moved to previous/<time>/ once the new "
                         "run has started")
+    p.add_argument("--smoke", action="store_true",
+                   help="the recipe's code paths (ZeRO stage, conditioning, masks, protocol, heads) at a size that "
+                        "runs in seconds on CPU: tiny widths and depth, 32 px, embedded data, 4 steps")
+    p.add_argument("--ckpt", default=None, help="finetuning recipes: the pretraining run (checkpoint.pt or its "
+                                                "folder) to start from (finetune.checkpoint)")
+    p.add_argument("--val", default=None, help="finetuning recipes: the labelled val folder (finetune.val_data)")
     return p
+
+
+def smoke_config(cfg: IWMConfig) -> IWMConfig:
+    """``--smoke``: shrink widths, depth, image size, data and steps; keep every switch that picks a code path
+    (ZeRO stage, conditioning, masks, views, finetune protocol and head). A finetuning run takes its network
+    from the checkpoint, so there only the data and steps shrink."""
+    m = cfg.model
+    m.encoder, m.embed_dim, m.depth, m.num_heads, m.patch_size = "custom", 48, 2, 4, 8
+    m.predictor_depth, m.predictor_width, m.predictor_heads = 2, 32, 4
+    d = cfg.data
+    d.dataset, d.img_size, d.batch_size, d.num_workers = "embedded", 32, 8, 0
+    d.embedded_per_class, d.embedded_native_size = 8, 48
+    cfg.optim.max_steps, cfg.optim.global_batch, cfg.optim.warmup_epochs = 4, None, 0.5
+    t = cfg.train
+    t.out_dir = os.path.join("runs", "smoke", cfg.name)
+    t.log_every, t.eval_every, t.ckpt_every, t.progress = 2, 0, 2, False
+    cfg.eval.mrr_images, cfg.eval.mrr_candidates = 2, 8
+    cfg.finetune.eval_batch_size = 16
+    return cfg
 
 
 def apply_args(cfg: IWMConfig, args: argparse.Namespace) -> IWMConfig:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
+    if getattr(args, "smoke", False):
+        smoke_config(cfg)
+    if getattr(args, "ckpt", None):
+        cfg.finetune.checkpoint = args.ckpt
+    if getattr(args, "val", None):
+        cfg.finetune.val_data = args.val
     if args.data:
         cfg.data.dataset = args.data
     if args.out:
@@ -95,6 +130,32 @@ def run_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[
     print(f"plot:       {result.plot}")
     if after is not None:
         return exit_code_of(lambda: after(cfg, result))
+    return 0
+
+
+def run_finetune_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[List[str]] = None) -> int:
+    """Build a finetuning recipe's config, apply command-line overrides, finetune, print the accuracy."""
+    from engine.finetune import finetune
+
+    args = recipe_parser(description).parse_args(argv)
+    done = {}
+
+    def go():
+        cfg = apply_args(build(), args)
+        done["cfg"], done["result"] = cfg, finetune(cfg)
+
+    code = exit_code_of(go)
+    if code or int(os.environ.get("RANK", "0")) != 0:
+        return code
+    cfg, result = done["cfg"], done["result"]
+    ft = cfg.finetune
+    what = ft.protocol + (f" ({ft.predictor_init} predictor)" if ft.protocol in ("predictor", "end_to_end") else "")
+    print(f"\n{what} from {ft.checkpoint}: after {result.step} steps")
+    for k in ("top1", "top5", "best_top1"):
+        if k in result.metrics:
+            print(f"{k} {result.metrics[k]:.2f}")
+    print(f"checkpoint: {result.checkpoint}  (best: {os.path.join(result.out_dir, 'best.pt')})")
+    print(f"logs:       {result.metrics_csv}")
     return 0
 
 
@@ -165,6 +226,79 @@ def run_linear(args) -> dict:
     return result
 
 
+def run_probe(args) -> dict:
+    """The paper-protocol probes (linear, attentive): a probe run on the run core, under RUN/probe_<kind>/."""
+    from engine.finetune import finetune, probe_config
+
+    kind = args.cmd
+    if (_folder(args.data) is None) != (_folder(args.val) is None):
+        raise DataError("pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
+    run_dir = args.run_dir or _default_out(args.ckpt, f"probe_{kind}")
+    cfg = probe_config(args.ckpt, kind, run_dir, data=_folder(args.data), val=_folder(args.val),
+                       epochs=args.epochs or 20, batch_size=args.batch_size, lr=args.lr, encoder_weights=args.encoder)
+    for assignment in args.set:
+        cfg.override(assignment)
+    result = finetune(cfg)
+    m = result.metrics
+    out = args.out or _default_out(args.ckpt, f"{kind}.json")
+    payload = {"protocol": "paper", "probe": kind, "val_top1": m["best_top1"], "final_top1": m["top1"],
+               "val_top5": m["top5"], "val_images": int(m["val_images"]), "encoder": args.encoder,
+               "checkpoint": args.ckpt, "data": args.data or "embedded", "val": args.val or "embedded",
+               "run": run_dir, "steps": result.step}
+    atomic_write_json(out, payload)
+    print(f"{kind} probe ({args.encoder} encoder, {result.step} steps); wrote {out}")
+    print(f"top1 {payload['val_top1']:.2f}")
+    print(f"top5 {payload['val_top5']:.2f}")
+    return payload
+
+
+def run_linear_any(args) -> dict:
+    return run_linear(args) if args.protocol == "quick" else run_probe(args)
+
+
+def run_finetuned(args) -> dict:
+    """Top-1 / top-5 of a finetuned network (a finetuning run's checkpoint.pt / best.pt) on a val folder."""
+    from engine.data import build_loader
+    from engine.finetune import check_class_folders, evaluate_classifier, load_finetuned
+
+    device = torch.device(args.device)
+    cfg, model, ckpt = load_finetuned(args.ckpt, device)
+    val = _folder(args.val)
+    check_class_folders(val)
+    ds = build_dataset_for_eval(cfg, val)
+    if list(getattr(ds, "classes", [])) != list(ckpt["classes"]):
+        raise DataError(f"{args.val or 'embedded'} has classes {list(getattr(ds, 'classes', []))[:5]}..., the network "
+                        f"was finetuned on {ckpt['classes'][:5]}... ({len(ckpt['classes'])}): give a val folder with "
+                        f"the same class subfolders")
+    loader = build_loader(ds, args.batch_size, args.workers, shuffle=False, drop_last=False, seed=0)
+    result = evaluate_classifier(model, loader, device, lambda: torch.autocast("cpu", enabled=False))
+    result.update(checkpoint=args.ckpt, protocol=ckpt.get("protocol"), step=ckpt.get("step"),
+                  val=args.val or "embedded")
+    out = args.out or _default_out(args.ckpt, "finetune_eval.json")
+    atomic_write_json(out, result)
+    print(f"{ckpt.get('protocol')} finetuned network on {int(result['val_images'])} val images; wrote {out}")
+    print(f"top1 {result['top1']:.2f}")
+    print(f"top5 {result['top5']:.2f}")
+    return result
+
+
+def build_dataset_for_eval(cfg: IWMConfig, path: Optional[str]):
+    from engine.eval import eval_dataset
+
+    return eval_dataset(cfg, "val", path)
+
+
+def run_report(args) -> str:
+    from engine.finetune import report_table
+
+    table = report_table(args.runs)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    print(table)
+    return table
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -195,8 +329,45 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: linear.json beside the checkpoint)")
     p.add_argument("--device", default=device)
-    p.set_defaults(fn=run_linear)
+    p.add_argument("--protocol", choices=("quick", "paper"), default="quick",
+                   help="quick: full-batch softmax regression on extracted features (a diagnostic); paper: a probe "
+                        "run (augmented crops, batch norm + linear, AdamW cosine) on the run core")
+    _probe_args(p)
+    p.set_defaults(fn=run_linear_any)
+    p = sub.add_parser("attentive", help="attentive probe (one query, one cross-attention block, linear) on the "
+                                         "frozen encoder, trained as a run")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", default=None, help="train folder with class subfolders; default: embedded")
+    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
+    p.add_argument("--epochs", type=_positive, default=None, help="probe epochs (default 20)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--out", default=None, help="JSON path (default: attentive.json beside the checkpoint)")
+    _probe_args(p)
+    p.set_defaults(fn=run_probe)
+    p = sub.add_parser("finetune", help="top-1 / top-5 of a finetuned network on a val folder")
+    p.add_argument("--ckpt", required=True, help="a finetuning run's folder, checkpoint.pt or best.pt")
+    p.add_argument("--data", default=None, help="accepted for symmetry; only --val is read")
+    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default: finetune_eval.json beside the checkpoint)")
+    p.add_argument("--device", default=device)
+    p.set_defaults(fn=run_finetuned)
+    p = sub.add_parser("report", help="a markdown table of pretraining runs x protocols (top-1 %%) and MRR")
+    p.add_argument("runs", nargs="+", help="pretraining and finetuning run directories")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    p.set_defaults(fn=run_report)
     return parser
+
+
+def _probe_args(p) -> None:
+    p.add_argument("--lr", type=float, default=1e-3, help="paper-protocol probes: peak LR (AdamW)")
+    p.add_argument("--encoder", choices=("target", "context"), default="target",
+                   help="paper-protocol probes: features of the target (EMA) or the context encoder")
+    p.add_argument("--run-dir", default=None, help="paper-protocol probes: the probe run's folder "
+                                                    "(default: probe_<kind>/ beside the checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="paper-protocol probes: override any field of the probe run's config")
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:

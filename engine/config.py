@@ -200,10 +200,8 @@ class ModelConfig:
         if dim % 4 or self.predictor_width % 4:
             raise ConfigError(f"encoder width {dim} and model.predictor_width={self.predictor_width} must be "
                               f"multiples of 4 (2-D sin-cos positions)")
-        if self.drop_path:
-            raise ConfigError(f"model.drop_path={self.drop_path}: stochastic depth is not supported yet (the "
-                              f"batch is packed into one sequence, so timm's DropPath would drop every sample "
-                              f"at once); use 0")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"model.drop_path={self.drop_path}: the stochastic-depth rate must be in [0, 1)")
         if self.conditioning not in CONDITIONING_MODES:
             raise ConfigError(f"model.conditioning={self.conditioning!r}: use one of {CONDITIONING_MODES}")
         if not self.target_norm_eps > 0:
@@ -298,6 +296,77 @@ class EvalConfig:
             raise ConfigError(f"eval.mrr_images={self.mrr_images}: need at least one image")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Leveraging the world model: finetuning protocols and probes (docs/finetune.md)
+# ----------------------------------------------------------------------------------------------------
+FINETUNE_PROTOCOLS = ("encoder", "predictor", "end_to_end", "linear", "attentive")
+
+
+@dataclass
+class FinetuneConfig:
+    # the pretraining run to start from: its checkpoint.pt or run directory. The network (model section,
+    # image size, views) is the checkpoint's; the recipe's model section is replaced by it.
+    checkpoint: str = ""
+    # the labelled val folder (same class subfolders as data.dataset); '' = the embedded val split, or the
+    # sibling 'val' of a data.dataset folder named 'train' (ImageNet layout)
+    val_data: str = ""
+    # encoder: encoder + head, no predictor | predictor: frozen encoder, predictor + attentive head |
+    # end_to_end: encoder + predictor + attentive head | linear / attentive: probes on the frozen encoder
+    protocol: str = "encoder"
+    # predictor protocols: 'pretrained' (the world model) or 'random' (the paper's control)
+    predictor_init: str = "pretrained"
+    # which pretrained encoder starts every protocol: 'target' (the EMA encoder) or 'context' (the online one)
+    encoder_weights: str = "target"
+    # encoder protocol's head: 'attentive' (one learned query, one cross-attention block, a linear layer)
+    # or 'average' (average-pooled tokens, layer norm, linear); the predictor protocols are always attentive
+    head: str = "attentive"
+    # LR multiplier of a pretrained predictor (the paper: 1/10 of the random-predictor run's LR); 1 for a random one
+    predictor_lr_scale: float = 0.1
+    # layer-wise LR decay of the trained encoder: block i of L gets decay^(L + 1 - (i + 1)) (1: off)
+    layer_decay: float = 0.65
+    # stochastic depth of the trained ViTs (becomes model.drop_path, linear in depth)
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # mixup alpha (0: off)
+    cutmix: float = 1.0  # cutmix alpha (0: off)
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    mix_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    # timm RandAugment spec ('' turns it off), after a random resized crop of scale crop_scale and a flip
+    # (mmax9: magnitude 10 would ask posterize for 0 bits, which current Pillow refuses)
+    randaugment: str = "rand-m9-mstd0.5-inc1-mmax9"
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    eval_batch_size: int = 128  # validation batch (top-1 / top-5 on the val split at every eval)
+
+    def validate(self) -> None:
+        if self.protocol not in FINETUNE_PROTOCOLS:
+            raise ConfigError(f"finetune.protocol={self.protocol!r}: use one of {FINETUNE_PROTOCOLS}")
+        if self.predictor_init not in ("pretrained", "random"):
+            raise ConfigError(f"finetune.predictor_init={self.predictor_init!r}: use 'pretrained' or 'random'")
+        if self.encoder_weights not in ("target", "context"):
+            raise ConfigError(f"finetune.encoder_weights={self.encoder_weights!r}: use 'target' or 'context'")
+        if self.head not in ("attentive", "average"):
+            raise ConfigError(f"finetune.head={self.head!r}: use 'attentive' or 'average'")
+        for name in ("predictor_lr_scale", "layer_decay"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"finetune.{name}={v}: an LR multiplier in (0, 1]")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"finetune.drop_path={self.drop_path}: a rate in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"finetune.label_smoothing={self.label_smoothing}: use a value in [0, 1)")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: an alpha >= 0 (0 turns it off)")
+        for name in ("mix_prob", "mix_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)} is a probability: use [0, 1]")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"finetune.crop_scale={self.crop_scale}: need 0 < min <= max <= 1")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"finetune.eval_batch_size={self.eval_batch_size}: must be positive")
+
+
 @dataclass
 class IWMConfig:
     name: str = "iwm"
@@ -308,6 +377,7 @@ class IWMConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "IWMConfig":
         self.data.validate()
@@ -317,6 +387,7 @@ class IWMConfig:
         self.optim.validate()
         self.train.validate()
         self.eval.validate()
+        self.finetune.validate()
         return self
 
     def to_dict(self) -> dict:
@@ -384,4 +455,5 @@ def _parse_value(key: str, raw: str, kind: str):
 
 
 _SECTIONS = {"data": DataConfig, "views": ViewConfig, "masks": MaskConfig, "model": ModelConfig,
-             "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
+             "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
+             "finetune": FinetuneConfig}

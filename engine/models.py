@@ -47,6 +47,32 @@ class RaggedAttention(TimmAttention):
         return self.proj_drop(self.proj(out))
 
 
+def drop_samples(x: torch.Tensor, layout: RaggedLayout, drop_prob: float) -> torch.Tensor:
+    """Stochastic depth on a packed ragged batch x [1, T, C]: each SAMPLE's residual branch is kept with
+    probability 1 - drop_prob (scaled by 1 / (1 - drop_prob)) or zeroed, all of its tokens together. (timm's
+    DropPath draws one decision per row of dim 0, which here is the whole packed batch.)"""
+    keep = 1.0 - drop_prob
+    seqlens = torch.tensor(layout.seqlens, device=x.device)
+    sample_keep = torch.empty(len(layout.seqlens), device=x.device, dtype=x.dtype).bernoulli_(keep) / keep
+    token_keep = torch.repeat_interleave(sample_keep, seqlens, output_size=x.shape[1])  # [T]
+    return x * token_keep[None, :, None]
+
+
+class RaggedBlock(Block):
+    """timm's ViT block (same parameters) whose stochastic depth drops per sample on a packed ragged batch;
+    on a dense [B, N, C] batch timm's DropPath already drops per sample (row of dim 0)."""
+
+    def __init__(self, *args, drop_path: float = 0.0, **kwargs):
+        super().__init__(*args, drop_path=drop_path, **kwargs)
+        self.drop_prob = drop_path
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        if not (isinstance(attn_mask, RaggedLayout) and self.training and self.drop_prob > 0):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + drop_samples(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)), attn_mask, self.drop_prob)
+        return x + drop_samples(self.ls2(self.mlp(self.norm2(x))), attn_mask, self.drop_prob)
+
+
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding [H*W, dim] (MAE / I-JEPA): half the channels encode the row,
     half the column, each as sin/cos of the coordinate at geometrically spaced frequencies."""
@@ -90,7 +116,7 @@ class Encoder(nn.Module):
         self.vit = VisionTransformer(
             img_size=cfg.data.img_size, patch_size=m.patch_size, embed_dim=dim, depth=depth, num_heads=heads,
             mlp_ratio=m.mlp_ratio, qkv_bias=True, class_token=False, global_pool="", num_classes=0,
-            drop_path_rate=m.drop_path, attn_layer=RaggedAttention)
+            drop_path_rate=m.drop_path, attn_layer=RaggedAttention, block_fn=RaggedBlock)
         gh, gw = self.vit.patch_embed.grid_size
         self.grid = (gh, gw)
         self.embed_dim = dim
@@ -170,7 +196,7 @@ class Predictor(nn.Module):
             self.cond = None
         dpr = [m.drop_path * i / max(1, m.predictor_depth - 1) for i in range(m.predictor_depth)]
         self.blocks = nn.ModuleList([
-            Block(w, m.predictor_heads, mlp_ratio=m.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+            RaggedBlock(w, m.predictor_heads, mlp_ratio=m.mlp_ratio, qkv_bias=True, drop_path=dpr[i],
                   attn_layer=RaggedAttention) for i in range(m.predictor_depth)])
         self.norm = nn.LayerNorm(w)
         self.proj = nn.Linear(w, encoder_dim)

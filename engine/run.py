@@ -17,6 +17,10 @@ A task provides::
     state_dict() / load_state_dict(d)         what the checkpoint holds besides DeepSpeed's state
     rng_state() / load_rng_state(d)           the task's random streams (per rank)
     export(module, step, metrics)             the consolidated weights (every rank calls it; rank 0 gets them)
+  optional (finetuning, engine/finetune.py):
+    param_groups(weight_decay)                AdamW groups; a group's "lr_scale" multiplies the scheduled LR
+    step_flops(images)                        FLOPs of a step on that many images (else the IWM formula)
+    target_encoder                            absent or None when the task has no EMA target encoder
 
 Host synchronisation: the step loop never reads a device value; losses and a non-finite count are
 accumulated on the device and read at log, eval and checkpoint steps only. A non-finite loss stops every
@@ -119,7 +123,7 @@ class Schedule:
         lr = lr_at(step, self.total, self.warmup, o.start_lr, o.lr, o.final_lr)
         wd = weight_decay_at(step, self.total, o.weight_decay, o.final_weight_decay)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # lr_scale: layer-wise decay, a pretrained predictor's 1/10
             g["weight_decay"] = wd if g.get("apply_wd", True) else 0.0
         return lr, wd
 
@@ -184,6 +188,7 @@ class Run:
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self, task) -> RunResult:
         cfg, info = self.cfg, self.info
+        self.task = task
         dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
         with self.dir.lock(enabled=info.is_main):
             resume_tag = self._resume_tag()
@@ -267,7 +272,9 @@ class Run:
         import deepspeed
 
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(param_groups(task.model, cfg.optim.weight_decay), lr=cfg.optim.start_lr,
+        groups = (task.param_groups(cfg.optim.weight_decay) if hasattr(task, "param_groups")
+                  else param_groups(task.model, cfg.optim.weight_decay))
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr,
                                       betas=cfg.optim.betas, fused=self.device.type == "cuda")
         engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, self.info.world_size))
@@ -275,7 +282,8 @@ class Run:
         if cfg.train.zero_stage == 3:
             for module, param in getattr(task.model, "external_parameters", list)():
                 deepspeed.zero.register_external_parameter(module, param)
-        check_same_across_ranks(task.target_encoder.module, self.device)
+        if getattr(task, "target_encoder", None) is not None:
+            check_same_across_ranks(task.target_encoder.module, self.device)
         engine.train()
         if self.info.is_main:
             n = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
@@ -329,7 +337,10 @@ class Run:
         loss = all_reduce_sum(meters.loss_sum.double(), self.device) / (meters.micro * info.world_size)
         img_s = meters.images * info.world_size / dt
         per_img = {k: v / max(1, meters.images) for k, v in meters.tokens.items()}
-        tflops = step_flops(cfg, per_img["context"], per_img["target"], meters.images) / dt / 1e12
+        flops_of = getattr(self.task, "step_flops", None)
+        flops = (flops_of(meters.images) if flops_of is not None
+                 else step_flops(cfg, per_img["context"], per_img["target"], meters.images))
+        tflops = flops / dt / 1e12
         extra = {"mfu": 100 * tflops * 1e12 / self.peak} if self.peak else {}
         grad_norm = engine.get_global_grad_norm()  # None / nan under ZeRO-0 fp32 (not tracked)
         if grad_norm is not None and math.isfinite(float(grad_norm)):

@@ -16,7 +16,9 @@ def load(name):
     return mod.config().validate()
 
 
-@pytest.mark.parametrize("name", ["pretrain_tiny", "pretrain_vitb_equi", "pretrain_vith"])
+@pytest.mark.parametrize("name", ["pretrain_tiny", "pretrain_vitb_inv", "pretrain_vitb_equi", "pretrain_vitl_equi",
+                                  "pretrain_vith", "finetune_encoder", "finetune_predictor",
+                                  "finetune_predictor_random", "finetune_e2e"])
 def test_recipe_configs_validate(name):
     load(name)
 
@@ -39,3 +41,19 @@ def test_vitb_equi_predictor_ratio_near_paper():
     pred = sum(p.numel() for p in model.predictor.parameters())
     assert 85e6 < enc < 88e6  # ViT-B/16: 86M
     assert 0.25 < pred / enc < 0.45
+
+
+def test_pretrain_recipes_name_the_papers_predictors():
+    assert load("pretrain_vitb_inv").model.predictor_depth == 12
+    assert load("pretrain_vitb_inv").model.predictor_width == 384
+    vitl = load("pretrain_vitl_equi")
+    assert vitl.model.encoder_dims() == (1024, 24, 16) and vitl.model.patch_size == 16
+    assert (vitl.model.predictor_depth, vitl.model.predictor_width) == (36, 512)
+
+
+def test_finetune_recipes_name_their_protocols():
+    assert load("finetune_encoder").finetune.protocol == "encoder"
+    p = load("finetune_predictor").finetune
+    assert p.protocol == "predictor" and p.predictor_init == "pretrained" and p.predictor_lr_scale == 0.1
+    assert load("finetune_predictor_random").finetune.predictor_init == "random"
+    assert load("finetune_e2e").finetune.protocol == "end_to_end"
