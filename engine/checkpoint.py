@@ -197,13 +197,8 @@ def _all_ok(ok: bool) -> bool:
 class RunDir:
     """One run directory: its lock, its checkpoints, its config."""
 
-<<<<<<< HEAD
-    MOVABLE = ("ds", "checkpoint.pt", "model.safetensors", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
-               "linear.json")
-=======
-    MOVABLE = ("ds", "checkpoint.pt", "config.json", "metrics.csv", "curves.png", "tensorboard", "mrr.json",
-               "linear.json", "best.pt", "finetune.json", "attentive.json")
->>>>>>> wip-finetune
+    MOVABLE = ("ds", "checkpoint.pt", "model.safetensors", "config.json", "metrics.csv", "curves.png", "tensorboard",
+               "mrr.json", "linear.json", "best.pt", "finetune.json", "attentive.json")
 
     def __init__(self, path: str):
         self.path = path
