@@ -134,6 +134,11 @@ def load_weights(path: str, map_location="cpu") -> Dict[str, Any]:
     return ckpt
 
 
+def save_weights(path: str, **parts) -> None:
+    """Write a weights file from modules (e.g. a randomly initialised network for a control run)."""
+    write_weights(path, weights_payload(**parts))
+
+
 # ----------------------------------------------------------------------------------------------------
 # DeepSpeed's resume state, loaded without unpickling code
 # ----------------------------------------------------------------------------------------------------

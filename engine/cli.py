@@ -172,7 +172,7 @@ def _folder(arg: Optional[str]) -> Optional[str]:
 
 
 def run_mrr(args) -> dict:
-    from engine.eval import chance_mrr, load_eval_images, load_model, mean_reciprocal_rank
+    from engine.eval import chance_mrr, load_eval_images, load_model, mrr_interval, reciprocal_rank_per_image
 
     device = torch.device(args.device)
     cfg, model, target, ckpt = load_model(args.ckpt, device)
@@ -181,14 +181,16 @@ def run_mrr(args) -> dict:
     cfg.eval.validate()
     images = load_eval_images(cfg, args.images, split="val", device=device, path=_folder(args.data))
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    mrr = mean_reciprocal_rank(model, target, images, cfg, generator=gen)
-    result = {"mrr": mrr, "chance": chance_mrr(cfg.eval.mrr_candidates), "candidates": cfg.eval.mrr_candidates,
+    per_image = reciprocal_rank_per_image(model, target, images, cfg, generator=gen)
+    mrr, (lo, hi) = per_image.mean().item(), mrr_interval(per_image)
+    result = {"mrr": mrr, "ci95": [lo, hi], "chance": chance_mrr(cfg.eval.mrr_candidates),
+              "candidates": cfg.eval.mrr_candidates,
               "images": len(images), "data": args.data or "embedded", "checkpoint": args.ckpt,
               "step": ckpt.get("step"), "conditioning": cfg.model.conditioning}
     out = args.out or _default_out(args.ckpt, "mrr.json")
     atomic_write_json(out, result)
-    print(f"MRR {mrr:.4f} over {len(images)} images x {cfg.eval.mrr_candidates} candidates "
-          f"(chance {result['chance']:.4f}); wrote {out}")
+    print(f"MRR {mrr:.4f} (95% interval {lo:.4f}-{hi:.4f}) over {len(images)} images x "
+          f"{cfg.eval.mrr_candidates} candidates (chance {result['chance']:.4f}); wrote {out}")
     return result
 
 
@@ -314,7 +316,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mrr", help="world-model mean reciprocal rank")
     p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
     p.add_argument("--data", default=None, help="image folder (class subfolders or flat); default: embedded")
-    p.add_argument("--images", type=_positive, default=16, help="images to average over")
+    p.add_argument("--images", type=_positive, default=256, help="images to average over (at most the folder's)")
     p.add_argument("--candidates", type=_positive, default=None, help="candidates per image (default: config, 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: mrr.json beside the checkpoint)")

@@ -45,9 +45,23 @@ def chance_mrr(candidates: int) -> float:
     return sum(1.0 / r for r in range(1, candidates + 1)) / candidates
 
 
-@torch.no_grad()
 def mean_reciprocal_rank(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig,
                          generator: Optional[torch.Generator] = None, chunk: int = 64) -> float:
+    """The MRR over ``images``: the mean of :func:`reciprocal_rank_per_image`."""
+    return reciprocal_rank_per_image(model, target_encoder, images, cfg, generator, chunk).mean().item()
+
+
+def mrr_interval(per_image: torch.Tensor) -> Tuple[float, float]:
+    """A 95% interval of the MRR over images (normal approximation: mean +- 1.96 standard errors)."""
+    n = per_image.numel()
+    half = 1.96 * per_image.double().std().item() / n ** 0.5 if n > 1 else float("nan")
+    mean = per_image.double().mean().item()
+    return mean - half, mean + half
+
+
+@torch.no_grad()
+def reciprocal_rank_per_image(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig,
+                              generator: Optional[torch.Generator] = None, chunk: int = 64) -> torch.Tensor:
     """The world model's MRR (docs/method.md, "MRR") over images [M, 3, H, W] in [0, 1] (already cropped).
 
     Per image: one source view x with one mask, and K = cfg.eval.mrr_candidates candidate targets y_k with
@@ -73,8 +87,8 @@ def mean_reciprocal_rank(model: IWM, target_encoder, images: torch.Tensor, cfg: 
             mk = m1.repeat(n)
             preds.append(model.predictor(context.repeat(n, 1), mk, action[s:s + n]).float().view(n, -1))
             targets.append(target_tokens(target_encoder(candidates[s:s + n]), mk, eps).view(n, -1))
-        rrs.append(latent_reciprocal_ranks(torch.cat(preds), torch.cat(targets)))  # [K, Tt*D] each
-    return torch.cat(rrs).mean().item()
+        rrs.append(latent_reciprocal_ranks(torch.cat(preds), torch.cat(targets)).mean())  # [K, Tt*D] each
+    return torch.stack(rrs)  # [M]: each image's mean reciprocal rank over its K candidates
 
 
 # ----------------------------------------------------------------------------------------------------

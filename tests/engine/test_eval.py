@@ -130,3 +130,12 @@ def test_an_oracle_predictor_scores_exactly_one():
     finally:
         E.mrr_views = real_views
     assert mrr == 1.0
+
+
+def test_mrr_interval_is_mean_plus_minus_two_standard_errors():
+    from engine.eval import mrr_interval
+
+    per_image = torch.tensor([0.1, 0.3, 0.2, 0.4])
+    mean, sd = 0.25, (sum((v - 0.25) ** 2 for v in [0.1, 0.3, 0.2, 0.4]) / 3) ** 0.5
+    lo, hi = mrr_interval(per_image)
+    assert lo == pytest.approx(mean - 1.96 * sd / 2) and hi == pytest.approx(mean + 1.96 * sd / 2)
