@@ -72,7 +72,9 @@ def smoke_config(cfg: IWMConfig) -> IWMConfig:
     d = cfg.data
     d.dataset, d.img_size, d.batch_size, d.num_workers = "embedded", 32, 8, 0
     d.embedded_per_class, d.embedded_native_size = 8, 48
-    cfg.optim.max_steps, cfg.optim.global_batch, cfg.optim.warmup_epochs = 4, None, 0.5
+    cfg.optim.max_steps, cfg.optim.warmup_epochs = 4, 0.5
+    if cfg.optim.global_batch is not None:  # keep the accumulation path: two micro-batches per step
+        cfg.optim.global_batch = 2 * d.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
     t = cfg.train
     t.out_dir = os.path.join("runs", "smoke", cfg.name)
     t.log_every, t.eval_every, t.ckpt_every, t.progress = 2, 0, 2, False

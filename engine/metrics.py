@@ -6,6 +6,8 @@ import math
 import os
 from typing import Dict, List, Optional
 
+from engine.checkpoint import atomic_write
+
 
 class MetricLogger:
     """Writes on the main rank only; other ranks get a logger that does nothing."""
@@ -59,13 +61,14 @@ class MetricLogger:
         for r in self.rows:
             keys += [k for k in r if k not in keys]
         self._header = keys
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            for r in self.rows:
-                w.writerow(r)
-        os.replace(tmp, self.csv_path)
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow(r)
+
+        atomic_write(self.csv_path, write)
 
     def series(self, key: str):
         pts = [(r["step"], r[key]) for r in self.rows if key in r and not math.isnan(r[key])]
@@ -95,10 +98,8 @@ class MetricLogger:
         ax2.set_ylim(0, max([0.1, *(1.25 * v for v in mrr)]))  # MRR is in (0, 1]; zoom on small values
         ax2.set_title("world-model MRR")
         fig.tight_layout()
-        tmp = self.plot_path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
+        atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.plot_path)
         return self.plot_path
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ def config() -> IWMConfig:
     cfg.model.predictor_depth, cfg.model.predictor_width, cfg.model.predictor_heads = 3, 128, 4
     cfg.model.conditioning = "feature"
     # the paper's strong-jitter setting (about 0.8/0.8/0.8/0.2): the regime where even a small predictor
-    # becomes an equivariant world model (PAPER.md: MRR 0.81 for IWM_{12,384})
+    # becomes an equivariant world model (docs/method.md: MRR 0.81 for IWM_{12,384})
     cfg.views = strong_jitter()
     cfg.views.jitter_order = "fixed"  # the action then determines y from x exactly
     cfg.optim.epochs = 12  # 62 steps per epoch at batch 32: 744 steps

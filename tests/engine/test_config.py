@@ -53,3 +53,10 @@ def test_bad_values_name_the_field(assignment, needle):
     cfg.override(assignment)
     with pytest.raises(ConfigError, match=needle):
         cfg.validate()
+
+
+@pytest.mark.parametrize("raw,value", [("true", True), ("false", False), ("True", True), ("0", False)])
+def test_set_accepts_true_false(raw, value):
+    cfg = IWMConfig()
+    cfg.override(f"train.activation_checkpointing={raw}")
+    assert cfg.train.activation_checkpointing is value

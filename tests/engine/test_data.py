@@ -300,3 +300,18 @@ def test_resumable_sampler_skips_the_batches_already_seen():
     assert resumed == full[3:]  # the rest of the same epoch, in the same order
     loader.sampler.set_epoch(2)
     assert [b.tolist() for b in loader] == full  # the skip applies to one epoch only
+
+
+def test_16_bit_images_are_rescaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from engine.data import ImageFolderDataset
+
+    ramp = (np.arange(64, dtype=np.float64).reshape(8, 8) / 63 * 65535).round().astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "a" / "ramp16.png")
+    img, _ = ImageFolderDataset(tmp_path)[0]
+    got = np.asarray(img)[..., 0].astype(np.float64)
+    assert np.abs(got - ramp / 65535 * 255).max() <= 0.5 + 1e-9  # the full 16-bit range maps onto 0..255
+    assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 32
