@@ -352,6 +352,7 @@ class Run:
 
     def _evaluate(self, step: int, sched, meters: Meters, task, engine, bar) -> Dict[str, float]:
         self._check_finite(step, meters)
+        started = time.time()
         results: Dict[str, float] = {}
         if self.info.is_main or self.cfg.train.zero_stage == 3:  # ZeRO-3: forwards gather, every rank runs them
             results = task.evaluate(engine.module, self.autocast)
@@ -360,6 +361,7 @@ class Run:
             self.metrics.plot(chance_mrr=getattr(task, "chance", None))
             bar.set_postfix({k: f"{v:.3f}" for k, v in results.items()})
         barrier()
+        meters.since += time.time() - started  # img/s counts training time only
         return results
 
     def _save(self, step: int, sched, meters: Meters, engine, task, loader, results) -> None:
