@@ -423,7 +423,9 @@ class Finetuning:
         module.train()
         if result["top1"] > self.best:
             self.best = result["top1"]
-            self.export(os.path.join(self.cfg.train.out_dir, "best.pt"), module, self.step_done, result)
+            payload = self.export(module, self.step_done, result)  # under ZeRO-3 every rank evaluates
+            if payload is not None:
+                ckpt_lib.atomic_save(payload, os.path.join(self.cfg.train.out_dir, "best.pt"))
         return {**result, "best_top1": self.best}
 
     # ---- checkpoint ----------------------------------------------------------------------------------------
