@@ -299,24 +299,9 @@ class MemoryPlan:
         return {k: v / GiB for k, v in asdict(self).items() if isinstance(v, float)}
 
 
-def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpointing: bool,
-                tok: TokenStats, attention: str = "packed", overhead_bytes: float = CUDA_OVERHEAD_GIB * GiB,
-                batch: Optional[int] = None) -> MemoryPlan:
-    """Estimated per-rank peak memory of one training step (see docs/plan.md for every term).
-
-    stage 0 is plain data parallel (DDP-style all-reduce, or one process); stages 1-3 follow DeepSpeed
-    ZeRO with its default buckets. `ranks` is the data-parallel world size N."""
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"ZeRO stage {stage}: use 0, 1, 2 or 3")
-    if ranks < 1:
-        raise ConfigError(f"ranks={ranks}: need at least one GPU")
-    B = batch or cfg.data.batch_size
-    N = ranks
-    counts = param_counts(cfg)
-    P, PT = counts["trainable"], counts["target_encoder"]
+def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: float, PT: float):
+    """Per-rank bytes held for the whole step: (params, AdamW states, fp32 master, EMA target, buffers)."""
     p, g = prec.param_bytes, prec.grad_bytes
-
-    # ---- persistent state ----
     if stage < 3:
         params = P * p
     else:
@@ -344,6 +329,27 @@ def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpo
         buffers = REDUCE_BUCKET_SIZE * (4 if stage == 1 else g)
     else:
         buffers = REDUCE_BUCKET_SIZE * g
+    return params, optimizer, master, ema, buffers
+
+
+def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpointing: bool,
+                tok: TokenStats, attention: str = "packed", overhead_bytes: float = CUDA_OVERHEAD_GIB * GiB,
+                batch: Optional[int] = None) -> MemoryPlan:
+    """Estimated per-rank peak memory of one training step (see docs/plan.md for every term).
+
+    stage 0 is plain data parallel (DDP-style all-reduce, or one process); stages 1-3 follow DeepSpeed
+    ZeRO with its default buckets. `ranks` is the data-parallel world size N."""
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ZeRO stage {stage}: use 0, 1, 2 or 3")
+    if ranks < 1:
+        raise ConfigError(f"ranks={ranks}: need at least one GPU")
+    B = batch or cfg.data.batch_size
+    N = ranks
+    counts = param_counts(cfg)
+    P, PT = counts["trainable"], counts["target_encoder"]
+    p, g = prec.param_bytes, prec.grad_bytes
+
+    params, optimizer, master, ema, buffers = persistent_bytes(cfg, stage, N, prec, P, PT)
     persistent = params + optimizer + master + ema + buffers + overhead_bytes
 
     # ---- phase 1: target-encoder forward (no grad) ----
