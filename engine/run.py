@@ -202,6 +202,7 @@ class Run:
             results: Dict[str, float] = {}
             bar = self._progress(sched.total, step)
             meters = Meters(self.device)
+            saved_at = None
             for step, micro_batches in self._optimizer_steps(loader, sched, step):
                 lr, wd = sched.apply(engine.optimizer, cfg, step)
                 for images, labels in micro_batches:
@@ -220,6 +221,10 @@ class Run:
                     results = self._evaluate(step, sched, meters, task, engine, bar)
                 if step % cfg.train.ckpt_every == 0 or last:
                     self._save(step, sched, meters, engine, task, loader, results)
+                    saved_at = step
+            if saved_at != step:  # resumed at the last step: nothing trained, still export the weights
+                results = self._evaluate(step, sched, meters, task, engine, bar)
+                self._save(step, sched, meters, engine, task, loader, results)
             bar.close()
             return self._finish(step, results, loader)
 

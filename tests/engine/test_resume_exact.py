@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.engine.test_train import ROOT, TINY
+from tests.engine.test_train import ROOT, TINY, subprocess_env
 
 STEPS = 12
 
@@ -27,7 +27,7 @@ def command(out, ranks, port):
 
 
 def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess_env()
 
 
 def losses(out):

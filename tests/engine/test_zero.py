@@ -14,13 +14,15 @@ import sys
 import pytest
 import torch
 
-from tests.engine.test_train import ROOT, TINY
+import shutil
+
+from tests.engine.test_train import ROOT, TINY, subprocess_env
 
 STEPS = 6
 
 
 def launch(out, stage, steps=STEPS, port_offset=0):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = subprocess_env()
     sets = [a for t in TINY + [f"train.zero_stage={stage}", "train.ckpt_every=3", "train.log_every=1",
                                 "data.num_workers=0"] for a in ("--set", t)]
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
@@ -74,8 +76,9 @@ def test_every_stage_matches_plain_data_parallel(runs, stage):
 @pytest.mark.slow
 def test_zero3_save_reload_continue_gives_the_same_losses(runs, tmp_path):
     out = tmp_path / "resumed"
-    launch(out, 3, steps=3, port_offset=1)
-    launch(out, 3, steps=STEPS, port_offset=2)  # resumes from step 3 in the same folder
+    shutil.copytree(runs[3], out)
+    shutil.rmtree(out / "ds" / f"step_{STEPS:08d}")  # as if killed after the step-3 checkpoint
+    launch(out, 3, steps=STEPS, port_offset=2)  # the same command resumes from step 3
     # ZeRO-3 re-partitions the reloaded fp32 state into fresh flat buffers: the next steps agree to fp32
     # rounding (stages 0-2 resume bit for bit: tests/engine/test_resume_exact.py)
     got, ref = losses(out), losses(runs[3])
