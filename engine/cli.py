@@ -197,7 +197,7 @@ def run_mrr(args) -> dict:
 
 
 def run_linear(args) -> dict:
-    from engine.data import build_loader
+    from engine.data import build_loader, check_same_classes
     from engine.eval import eval_dataset, extract_features, linear_probe, load_model, report_data
 
     device = torch.device(args.device)
@@ -206,14 +206,7 @@ def run_linear(args) -> dict:
         raise DataError("pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
     datasets = [eval_dataset(cfg, split, path) for split, path in (("train", _folder(args.data)),
                                                                     ("val", _folder(args.val)))]
-    classes = [getattr(d, "classes", None) for d in datasets]
-    if classes[0] != classes[1]:
-        raise DataError(f"train and val folders have different classes ({len(classes[0])} vs {len(classes[1])}; "
-                        f"e.g. {sorted(set(classes[0]) ^ set(classes[1]))[:3]}): labels would not line up; "
-                        f"give both the same class subfolders")
-    if classes[0] is not None and len(classes[0]) < 2:
-        raise DataError(f"{args.data}: a linear probe needs at least 2 classes (class subfolders); found "
-                        f"{len(classes[0])}")
+    check_same_classes(*datasets, args.data or "embedded", args.val or "embedded")
     loaders = [build_loader(d, args.batch_size, args.workers, shuffle=False, drop_last=False, seed=0)
                for d in datasets]
     tx, ty = extract_features(target, loaders[0], device, desc="train features")
@@ -263,13 +256,15 @@ def run_linear_any(args) -> dict:
 def run_finetuned(args) -> dict:
     """Top-1 / top-5 of a finetuned network (a finetuning run's checkpoint.pt / best.pt) on a val folder."""
     from engine.data import build_loader
-    from engine.finetune import check_class_folders, evaluate_classifier, load_finetuned
+    from engine.data import check_class_folders
+    from engine.eval import eval_dataset
+    from engine.finetune import evaluate_classifier, load_finetuned
 
     device = torch.device(args.device)
     cfg, model, ckpt = load_finetuned(args.ckpt, device)
     val = _folder(args.val)
     check_class_folders(val)
-    ds = build_dataset_for_eval(cfg, val)
+    ds = eval_dataset(cfg, "val", val)
     if list(getattr(ds, "classes", [])) != list(ckpt["classes"]):
         raise DataError(f"{args.val or 'embedded'} has classes {list(getattr(ds, 'classes', []))[:5]}..., the network "
                         f"was finetuned on {ckpt['classes'][:5]}... ({len(ckpt['classes'])}): give a val folder with "
@@ -284,12 +279,6 @@ def run_finetuned(args) -> dict:
     print(f"top1 {result['top1']:.2f}")
     print(f"top5 {result['top5']:.2f}")
     return result
-
-
-def build_dataset_for_eval(cfg: IWMConfig, path: Optional[str]):
-    from engine.eval import eval_dataset
-
-    return eval_dataset(cfg, "val", path)
 
 
 def run_report(args) -> str:

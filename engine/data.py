@@ -317,6 +317,30 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def check_class_folders(path: Optional[str]) -> None:
+    """A class subfolder without images would silently shift every later label: refuse it."""
+    if path in (None, "embedded") or not os.path.isdir(path):
+        return
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir() and not _hidden(entry.name):
+            if not any(_is_image(f) for _, _, files in os.walk(entry.path) for f in files):
+                raise DataError(f"class folder {entry.path} holds no images: add images or remove the folder "
+                                f"(labels are the sorted class folders; an empty one would shift them)")
+
+
+def check_same_classes(train_ds, val_ds, train_path, val_path) -> List[str]:
+    classes = [list(getattr(d, "classes", [])) for d in (train_ds, val_ds)]
+    if classes[0] != classes[1]:
+        diff = sorted(set(classes[0]) ^ set(classes[1]))[:3]
+        raise DataError(f"the train ({train_path}) and val ({val_path}) folders have different classes "
+                        f"({len(classes[0])} vs {len(classes[1])}; e.g. {diff}): labels would not line up; give "
+                        f"both the same class subfolders")
+    if len(classes[0]) < 2:
+        raise DataError(f"{train_path}: classification needs at least 2 classes (class subfolders); found "
+                        f"{len(classes[0])}")
+    return classes[0]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Transforms run in the loader (per image, CPU): geometry only, uint8 out
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from engine import checkpoint as ckpt_lib
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, IWMConfig
-from engine.data import DataError, _as_input, _to_uint8_tensor, build_dataset, build_loader, to_float_images
+from engine.data import (DataError, _as_input, _to_uint8_tensor, build_dataset, build_loader, check_class_folders,
+                         check_same_classes, to_float_images)
 from engine.flops import vit_forward_flops
 from engine.masks import MaskBatch
 from engine.distributed import gathered
@@ -246,32 +247,6 @@ class FinetuneTransform:
             img = self.randaugment(img.convert("RGB"))
             random.setstate(state)
         return _to_uint8_tensor(img)
-
-
-def check_class_folders(path: Optional[str]) -> None:
-    """A class subfolder without images would silently shift every later label: refuse it."""
-    if path in (None, "embedded") or not os.path.isdir(path):
-        return
-    from engine.data import _hidden, _is_image
-
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        if entry.is_dir() and not _hidden(entry.name):
-            if not any(_is_image(f) for _, _, files in os.walk(entry.path) for f in files):
-                raise DataError(f"class folder {entry.path} holds no images: add images or remove the folder "
-                                f"(labels are the sorted class folders; an empty one would shift them)")
-
-
-def check_same_classes(train_ds, val_ds, train_path, val_path) -> List[str]:
-    classes = [list(getattr(d, "classes", [])) for d in (train_ds, val_ds)]
-    if classes[0] != classes[1]:
-        diff = sorted(set(classes[0]) ^ set(classes[1]))[:3]
-        raise DataError(f"the train ({train_path}) and val ({val_path}) folders have different classes "
-                        f"({len(classes[0])} vs {len(classes[1])}; e.g. {diff}): labels would not line up; give "
-                        f"both the same class subfolders")
-    if len(classes[0]) < 2:
-        raise DataError(f"{train_path}: classification needs at least 2 classes (class subfolders); found "
-                        f"{len(classes[0])}")
-    return classes[0]
 
 
 def val_path_of(cfg: IWMConfig) -> Optional[str]:
