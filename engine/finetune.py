@@ -37,14 +37,14 @@ from engine.config import ConfigError, IWMConfig
 from engine.data import (DataError, _as_input, _to_uint8_tensor, build_dataset, build_loader, check_class_folders,
                          check_same_classes, to_float_images)
 from engine.flops import vit_forward_flops
-from engine.masks import MaskBatch
 from engine.distributed import gathered
+from engine.masks import MaskBatch
 from engine.models import Encoder, Predictor
+from engine.run import decays
+from engine.views import identity_action
 
 log = logging.getLogger("iwm")
 KIND = "finetune"  # checkpoint.pt of a finetuning run carries kind='finetune'; a pretraining one has no kind
-
-from engine.views import identity_action
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class Finetuning:
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            decay = not (p.ndim <= 1 or name.endswith(".bias"))
+            decay = decays(name, p)
             scale = self.lr_scale_of(name)
             g = groups.setdefault((scale, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
                                                    "apply_wd": decay, "lr_scale": scale})
@@ -472,15 +472,12 @@ def evaluate_classifier(model: nn.Module, loader, device, autocast: Callable) ->
 def finetune(cfg: IWMConfig, dist_info=None):
     """Train ``cfg.finetune.protocol`` from ``cfg.finetune.checkpoint`` in ``cfg.train.out_dir`` (resuming there
     when it holds a checkpoint). Returns the run core's RunResult (metrics: top1, top5, best_top1)."""
-    from engine.distributed import setup_distributed
-    from engine.run import Run
+    from engine.run import Run, start_process
 
     cfg.finetune.validate()
     source = load_source(cfg)
     cfg.validate()
-    info = dist_info or setup_distributed()
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    info = start_process(dist_info)
     task = TASKS[cfg.finetune.protocol](cfg, info.device, info.rank, source)
     result = Run(cfg, info).fit(task)
     if info.is_main:

@@ -42,7 +42,7 @@ import torch
 from engine import checkpoint as ckpt_lib
 from engine.config import ConfigError, IWMConfig
 from engine.data import build_loader, to_float_images
-from engine.distributed import DistInfo, all_reduce_sum, barrier
+from engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from engine.flops import device_peak_flops, step_flops
 from engine.metrics import MetricLogger
 from engine.schedules import lr_at, weight_decay_at
@@ -56,13 +56,26 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names the last good checkpoint and how to resume from it."""
 
 
+def start_process(dist_info: Optional[DistInfo] = None) -> DistInfo:
+    """This rank's process group (or the one given) and logging: INFO on the main rank, warnings elsewhere."""
+    info = dist_info or setup_distributed()
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return info
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay applies to matrices only: not to biases and 1-D parameters (norms, mask token)."""
+    return not (p.ndim <= 1 or name.endswith(".bias"))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """AdamW groups: no weight decay on biases and 1-D parameters (norms, mask token)."""
+    """AdamW groups: decay on what :func:`decays`, none on the rest."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "apply_wd": True},
             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
 
