@@ -105,23 +105,31 @@ def apply_args(cfg: IWMConfig, args: argparse.Namespace) -> IWMConfig:
     return cfg.validate()
 
 
+def _run_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[List[str]], run: Callable):
+    """Parse the recipe flags, build and override the config, ``run(cfg)``: (exit code, cfg, result), with cfg
+    and result None on a failure or on ranks other than 0 (only rank 0 prints the summary)."""
+    args = recipe_parser(description).parse_args(argv)
+    done = {}
+
+    def go():
+        cfg = apply_args(build(), args)
+        done["cfg"], done["result"] = cfg, run(cfg)
+
+    code = exit_code_of(go)
+    if code or int(os.environ.get("RANK", "0")) != 0:
+        return code, None, None
+    return code, done["cfg"], done["result"]
+
+
 def run_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[List[str]] = None,
                after: Optional[Callable] = None) -> int:
     """Build the recipe's config, apply command-line overrides, pretrain, print where everything is."""
     from engine.eval import chance_mrr
     from engine.train import train
 
-    args = recipe_parser(description).parse_args(argv)
-    done = {}
-
-    def go():
-        cfg = apply_args(build(), args)
-        done["cfg"], done["result"] = cfg, train(cfg)
-
-    code = exit_code_of(go)
-    if code or int(os.environ.get("RANK", "0")) != 0:
+    code, cfg, result = _run_recipe(build, description, argv, train)
+    if code or cfg is None:
         return code
-    cfg, result = done["cfg"], done["result"]
     print(f"\nfinal loss {result.final_loss:.4f} (first logged {result.first_loss:.4f}) after {result.step} steps")
     print(f"final MRR {result.mrr:.4f} ({cfg.eval.mrr_candidates} candidates x {cfg.eval.mrr_images} images, chance "
           f"{chance_mrr(cfg.eval.mrr_candidates):.4f}, conditioning={cfg.model.conditioning})")
@@ -139,17 +147,9 @@ def run_finetune_recipe(build: Callable[[], IWMConfig], description: str, argv: 
     """Build a finetuning recipe's config, apply command-line overrides, finetune, print the accuracy."""
     from engine.finetune import finetune
 
-    args = recipe_parser(description).parse_args(argv)
-    done = {}
-
-    def go():
-        cfg = apply_args(build(), args)
-        done["cfg"], done["result"] = cfg, finetune(cfg)
-
-    code = exit_code_of(go)
-    if code or int(os.environ.get("RANK", "0")) != 0:
+    code, cfg, result = _run_recipe(build, description, argv, finetune)
+    if code or cfg is None:
         return code
-    cfg, result = done["cfg"], done["result"]
     ft = cfg.finetune
     what = ft.protocol + (f" ({ft.predictor_init} predictor)" if ft.protocol in ("predictor", "end_to_end") else "")
     print(f"\n{what} from {ft.checkpoint}: after {result.step} steps")

@@ -46,12 +46,13 @@ _override: Optional[str] = None
 _attention_override: Optional[str] = None
 
 
-def _check(name: str, source: str) -> str:
+def _check(name: str, source: str, choices=BACKENDS, what: str = "kernel backend", env: str = ENV_VAR) -> str:
+    """``name`` lower-cased if it is one of ``choices``, else a ValueError naming the setting and the fix."""
     value = str(name).strip().lower()
-    if value not in BACKENDS:
+    if value not in choices:
         raise ValueError(
-            f"{source}={name!r} is not a kernel backend: use one of {', '.join(BACKENDS)} "
-            f"(set it with the environment variable {ENV_VAR} or kernels.dispatch.set_backend)"
+            f"{source}={name!r} is not {'an' if what[0] in 'aeiou' else 'a'} {what}: use one of {', '.join(choices)} "
+            f"(set it with the environment variable {env} or kernels.dispatch.configure)"
         )
     return value
 
@@ -71,10 +72,7 @@ def get_backend() -> str:
 
 
 def _check_attention(name: str, source: str) -> str:
-    value = str(name).strip().lower()
-    if value not in ATTENTION_BACKENDS:
-        raise ValueError(f"{source}={name!r} is not an attention backend: use one of {', '.join(ATTENTION_BACKENDS)}")
-    return value
+    return _check(name, source, ATTENTION_BACKENDS, "attention backend", ATTENTION_ENV_VAR)
 
 
 def set_attention_backend(name: Optional[str]) -> None:
