@@ -169,6 +169,18 @@ def _default_out(ckpt: str, name: str) -> str:
     return os.path.join(base, name)
 
 
+def _write_json(args, default_name: str, result: dict) -> str:
+    """The command's result as JSON: --out, else ``default_name`` beside the checkpoint; returns the path."""
+    out = args.out or _default_out(args.ckpt, default_name)
+    atomic_write_json(out, result)
+    return out
+
+
+def _check_train_val(args) -> None:
+    if (_folder(args.data) is None) != (_folder(args.val) is None):
+        raise DataError("pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
+
+
 def _folder(arg: Optional[str]) -> Optional[str]:
     return None if arg in (None, "embedded") else arg
 
@@ -189,8 +201,7 @@ def run_mrr(args) -> dict:
               "candidates": cfg.eval.mrr_candidates,
               "images": len(images), "data": args.data or "embedded", "checkpoint": args.ckpt,
               "step": ckpt.get("step"), "conditioning": cfg.model.conditioning}
-    out = args.out or _default_out(args.ckpt, "mrr.json")
-    atomic_write_json(out, result)
+    out = _write_json(args, "mrr.json", result)
     print(f"MRR {mrr:.4f} (95% interval {lo:.4f}-{hi:.4f}) over {len(images)} images x "
           f"{cfg.eval.mrr_candidates} candidates (chance {result['chance']:.4f}); wrote {out}")
     return result
@@ -202,8 +213,7 @@ def run_linear(args) -> dict:
 
     device = torch.device(args.device)
     cfg, _, target, ckpt = load_model(args.ckpt, device)
-    if (_folder(args.data) is None) != (_folder(args.val) is None):
-        raise DataError("pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
+    _check_train_val(args)
     datasets = [eval_dataset(cfg, split, path) for split, path in (("train", _folder(args.data)),
                                                                     ("val", _folder(args.val)))]
     check_same_classes(*datasets, args.data or "embedded", args.val or "embedded")
@@ -216,8 +226,7 @@ def run_linear(args) -> dict:
     result = linear_probe(tx, ty, vx, vy, epochs=args.epochs or cfg.eval.probe_epochs, lr=cfg.eval.probe_lr)
     result.update(checkpoint=args.ckpt, step=ckpt.get("step"), data=args.data or "embedded",
                   val=args.val or "embedded")
-    out = args.out or _default_out(args.ckpt, "linear.json")
-    atomic_write_json(out, result)
+    out = _write_json(args, "linear.json", result)
     print(f"linear probe top-1 {result['val_top1']:.2f}% on {result['val_images']} val images "
           f"({result['classes']} classes; train {result['train_top1']:.2f}%); wrote {out}")
     return result
@@ -228,8 +237,7 @@ def run_probe(args) -> dict:
     from engine.finetune import finetune, probe_config
 
     kind = args.cmd
-    if (_folder(args.data) is None) != (_folder(args.val) is None):
-        raise DataError("pass both --data TRAIN_DIR and --val VAL_DIR, or neither (embedded data)")
+    _check_train_val(args)
     run_dir = args.run_dir or _default_out(args.ckpt, f"probe_{kind}")
     cfg = probe_config(args.ckpt, kind, run_dir, data=_folder(args.data), val=_folder(args.val),
                        epochs=args.epochs or 20, batch_size=args.batch_size, lr=args.lr, encoder_weights=args.encoder)
@@ -237,12 +245,11 @@ def run_probe(args) -> dict:
         cfg.override(assignment)
     result = finetune(cfg)
     m = result.metrics
-    out = args.out or _default_out(args.ckpt, f"{kind}.json")
     payload = {"protocol": "paper", "probe": kind, "val_top1": m["best_top1"], "final_top1": m["top1"],
                "val_top5": m["top5"], "val_images": int(m["val_images"]), "encoder": args.encoder,
                "checkpoint": args.ckpt, "data": args.data or "embedded", "val": args.val or "embedded",
                "run": run_dir, "steps": result.step}
-    atomic_write_json(out, payload)
+    out = _write_json(args, f"{kind}.json", payload)
     print(f"{kind} probe ({args.encoder} encoder, {result.step} steps); wrote {out}")
     print(f"top1 {payload['val_top1']:.2f}")
     print(f"top5 {payload['val_top5']:.2f}")
@@ -273,8 +280,7 @@ def run_finetuned(args) -> dict:
     result = evaluate_classifier(model, loader, device, lambda: torch.autocast("cpu", enabled=False))
     result.update(checkpoint=args.ckpt, protocol=ckpt.get("protocol"), step=ckpt.get("step"),
                   val=args.val or "embedded")
-    out = args.out or _default_out(args.ckpt, "finetune_eval.json")
-    atomic_write_json(out, result)
+    out = _write_json(args, "finetune_eval.json", result)
     print(f"{ckpt.get('protocol')} finetuned network on {int(result['val_images'])} val images; wrote {out}")
     print(f"top1 {result['top1']:.2f}")
     print(f"top5 {result['top5']:.2f}")
