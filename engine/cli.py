@@ -8,6 +8,7 @@ that turns bad input into one line and exit code 2.
     python -m engine.eval attentive --ckpt RUN [--data TRAIN_DIR --val VAL_DIR] [--epochs E]
     python -m engine.eval finetune  --ckpt FINETUNE_RUN [--data TRAIN_DIR --val VAL_DIR]
     python -m engine.eval report    RUN [RUN ...]
+    python -m engine.eval imagine   --ckpt RUN --image FILE [--out PNG] [--candidates K] [--top T] [--seed S]
 """
 from __future__ import annotations
 
@@ -298,11 +299,36 @@ def run_report(args) -> str:
     return table
 
 
+def run_imagine(args) -> dict:
+    """Named actions on one image: each prediction ranked among real transformed images; PNG + JSON."""
+    from engine.world_model import WorldModel, imagine_demo, load_image, save_demo_png
+
+    wm = WorldModel.load(args.ckpt, args.device)
+    image = load_image(args.image, wm.cfg.data.img_size)
+    demo = imagine_demo(wm, image, random_candidates=args.candidates, seed=args.seed)
+    png = args.out or _default_out(args.ckpt, "imagine.png")
+    save_demo_png(demo, png, top=args.top)
+    result = demo.summary(wm.cfg.views)
+    result.update(image=args.image, checkpoint=args.ckpt, step=wm.step, seed=args.seed, png=png)
+    out = os.path.splitext(png)[0] + ".json"
+    atomic_write_json(out, result)
+    for name, a in result["actions"].items():
+        print(f"{name:>15}: true target ranked {a['rank']:g} of {result['candidates']} (nearest: {a['nearest']})")
+    print(f"mean reciprocal rank {result['mrr']:.3f} (chance {result['chance_mrr']:.3f}); wrote {png} and {out}")
+    return result
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
     return value
+
+
+def _png(text: str) -> str:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text}: give a .png path (the JSON is written beside it)")
+    return text
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -356,6 +382,18 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="pretraining and finetuning run directories")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.set_defaults(fn=run_report)
+    p = sub.add_parser("imagine", help="the world model as a tool: named actions (brighter, grayscale, ...) on one "
+                                       "image, each prediction ranked among real transformed images (PNG + JSON)")
+    p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
+    p.add_argument("--image", required=True, help="an image file (resized and centre-cropped to the model's size)")
+    p.add_argument("--candidates", type=_positive, default=32,
+                   help="random jitters of the image added to the named targets as candidates")
+    p.add_argument("--top", type=_positive, default=5, help="nearest candidates shown per action")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random candidates")
+    p.add_argument("--out", type=_png, default=None,
+                   help="PNG path (default: imagine.png beside the checkpoint); the JSON goes beside it")
+    p.add_argument("--device", default=device)
+    p.set_defaults(fn=run_imagine)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Evaluation: the world model's mean reciprocal rank (MRR) and a linear probe on frozen features.
 
-The command line (``python -m engine.eval mrr|linear ...``) is in ``engine/cli.py``.
+The command line (``python -m engine.eval mrr|linear ...``) is in ``engine/cli.py``; the world model as a tool
+(imagine an action's result, retrieve it among images) is ``engine/world_model.py``.
 """
 from __future__ import annotations
 
