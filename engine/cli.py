@@ -202,10 +202,24 @@ def run_mrr(args) -> dict:
               "candidates": cfg.eval.mrr_candidates,
               "images": len(images), "data": args.data or "embedded", "checkpoint": args.ckpt,
               "step": ckpt.get("step"), "conditioning": cfg.model.conditioning}
+    if args.per_op:
+        result["per_op"] = _per_op(model, target, images, cfg, args)
     out = _write_json(args, "mrr.json", result)
     print(f"MRR {mrr:.4f} (95% interval {lo:.4f}-{hi:.4f}) over {len(images)} images x "
           f"{cfg.eval.mrr_candidates} candidates (chance {result['chance']:.4f}); wrote {out}")
     return result
+
+
+def _per_op(model, target, images, cfg, args) -> dict:
+    from engine.eval import equivariance_per_op
+
+    gen = torch.Generator(device=images.device).manual_seed(args.seed)
+    per_op = equivariance_per_op(model, target, images[:args.per_op], cfg, generator=gen)
+    print(f"per operation ({min(args.per_op, len(images))} images x 64 candidates varying in that op only):")
+    for op, r in per_op.items():
+        print(f"  {op:10s}  MRR {r['mrr']:.3f} (chance {r['chance']:.3f})  R^2 {r['r2']:+.3f}  "
+              f"target spread {r['target_spread']:.1f}")
+    return per_op
 
 
 def run_linear(args) -> dict:
@@ -343,6 +357,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=_positive, default=None, help="candidates per image (default: config, 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default: mrr.json beside the checkpoint)")
+    p.add_argument("--per-op", type=_positive, default=None, metavar="IMAGES",
+                   help="also profile each jitter op alone on this many images: MRR and R^2 (which "
+                        "transformations the predictor has learned)")
     p.add_argument("--device", default=device)
     p.set_defaults(fn=run_mrr)
     p = sub.add_parser("linear", help="linear probe on frozen, average-pooled target-encoder features")

@@ -6,6 +6,7 @@ The command line (``python -m engine.eval mrr|linear ...``) is in ``engine/cli.p
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
@@ -71,13 +72,20 @@ def reciprocal_rank_per_image(model: IWM, target_encoder, images: torch.Tensor, 
     masked positions, layer-normed) is ranked among all K candidates' targets by squared distance, ties at
     the mid-rank. MRR = mean of 1/rank over j and images (1: a perfect world model; a predictor that ignores
     the action scores exactly ``chance_mrr(K)``)."""
+    rrs = [latent_reciprocal_ranks(p, t).mean()
+           for p, t in candidate_latents(model, target_encoder, images, cfg, generator, chunk)]
+    return torch.stack(rrs)  # [M]: each image's mean reciprocal rank over its K candidates
+
+
+def candidate_latents(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig,
+                      generator: Optional[torch.Generator] = None, chunk: int = 64):
+    """Yields, per image, (predictions [K, Tt*D], targets [K, Tt*D]) of the MRR protocol above."""
     device = images.device
     K = cfg.eval.mrr_candidates
     eps = cfg.model.target_norm_eps
     sampler = MaskSampler(cfg.masks, *model.encoder.grid)
     mask_gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator,
                                                                device=generator.device if generator else "cpu")))
-    rrs = []
     for img in images:
         source, candidates, action = mrr_views(img[None], cfg.views, K, generator)  # [1,3,H,W], [K,3,H,W], [K,A]
         m1 = sampler.sample(1, mask_gen).to(device)
@@ -88,8 +96,45 @@ def reciprocal_rank_per_image(model: IWM, target_encoder, images: torch.Tensor, 
             mk = m1.repeat(n)
             preds.append(model.predictor(context.repeat(n, 1), mk, action[s:s + n]).float().view(n, -1))
             targets.append(target_tokens(target_encoder(candidates[s:s + n]), mk, eps).view(n, -1))
-        rrs.append(latent_reciprocal_ranks(torch.cat(preds), torch.cat(targets)).mean())  # [K, Tt*D] each
-    return torch.stack(rrs)  # [M]: each image's mean reciprocal rank over its K candidates
+        yield torch.cat(preds), torch.cat(targets)
+
+
+def explained_variation(preds: torch.Tensor, targets: torch.Tensor) -> float:
+    """R^2 of predictions over candidates: 1 - sum ||(p_k - mean p) - (t_k - mean t)||^2 / sum ||t_k - mean t||^2,
+    the share of the targets' variation across actions that the predictions follow (1: all of it; 0 or less:
+    none, e.g. a predictor that ignores the action)."""
+    p, t = preds.double(), targets.double()
+    pc, tc = p - p.mean(0), t - t.mean(0)
+    return 1.0 - ((pc - tc).pow(2).sum() / tc.pow(2).sum()).item()
+
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@torch.no_grad()
+def equivariance_per_op(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig, candidates: int = 64,
+                        generator: Optional[torch.Generator] = None) -> dict:
+    """Which transformations the world model has learned: the MRR protocol with the candidates varying in one
+    jitter op at a time (its configured strength, the other three at 0, no destructive op), then all together.
+    Per op: MRR over ``candidates``, its chance, R^2 (:func:`explained_variation`, mean over images) and the
+    targets' spread (mean squared distance of a candidate's targets to their mean: how much the op moves the
+    target features at all). Ops with strength 0 are left out."""
+    quiet = dict(blur_p=0.0, grayscale_p=0.0, solarize_p=0.0)
+    out = {}
+    for op in JITTER_OPS + ("all",):
+        if op != "all" and getattr(cfg.views, op) == 0:
+            continue
+        only = {o: 0.0 for o in JITTER_OPS if o != op} if op != "all" else {}
+        c = replace(cfg, views=replace(cfg.views, **quiet, **only), eval=replace(cfg.eval, mrr_candidates=candidates))
+        rr, r2, spread = [], [], []
+        for p, t in candidate_latents(model, target_encoder, images, c, generator):
+            rr.append(latent_reciprocal_ranks(p, t).mean().item())
+            r2.append(explained_variation(p, t))
+            spread.append((t.double() - t.double().mean(0)).pow(2).sum(1).mean().item())
+        n = len(rr)
+        out[op] = {"mrr": sum(rr) / n, "chance": chance_mrr(candidates), "r2": sum(r2) / n,
+                   "target_spread": sum(spread) / n}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -85,51 +85,102 @@ def test_mrr_of_an_unconditioned_predictor_is_exactly_chance():
     assert mrr_f != pytest.approx(chance_mrr(40), abs=1e-9)  # conditioned: predictions differ per action
 
 
-def test_an_oracle_predictor_scores_exactly_one():
-    """A predictor that returns, for each action, the true candidate's target features (computed here
-    independently: target encoder on the candidate view, its masked positions in order, F.layer_norm with
-    the configured eps) must rank every true candidate first. Catches targets that are not layer-normed,
-    gathered in another order, or paired with another candidate's action."""
-    import engine.eval as E
-    import torch.nn.functional as F
-    from engine.ema import TargetEncoder
-    from engine.models import IWM
-    from tests.engine.test_models import tiny_cfg
+class OracleSetup:
+    """A tiny IWM whose predictor returns, for each action, the true candidate's target features (computed
+    here independently: target encoder on the candidate view, its masked positions in order, F.layer_norm
+    with the configured eps); ``engine.eval.mrr_views`` is spied on to learn the candidates (use as a
+    context manager)."""
 
-    cfg = tiny_cfg("feature")
-    cfg.eval.mrr_candidates = 24
-    torch.manual_seed(0)
-    model = IWM(cfg).eval()
-    target = TargetEncoder(model.encoder)
-    record = {}
-    real_views = E.mrr_views
+    def __init__(self, candidates: int = 24):
+        import engine.eval as E
+        from engine.ema import TargetEncoder
+        from engine.models import IWM
+        from tests.engine.test_models import tiny_cfg
 
-    def spy_views(image, vcfg, k, generator=None):
-        source, candidates, actions = real_views(image, vcfg, k, generator)
-        record["candidates"], record["actions"] = candidates, actions
+        self.E, self.cfg = E, tiny_cfg("feature")
+        self.cfg.eval.mrr_candidates = candidates
+        torch.manual_seed(0)
+        self.model = IWM(self.cfg).eval()
+        self.target = TargetEncoder(self.model.encoder)
+        self.record, self.real_views = {}, E.mrr_views
+        self.model.predictor.forward = self.oracle
+
+    def spy_views(self, image, vcfg, k, generator=None):
+        source, candidates, actions = self.real_views(image, vcfg, k, generator)
+        self.record["candidates"], self.record["actions"] = candidates, actions
+        self.record.setdefault("all_actions", []).append(actions)
         return source, candidates, actions
 
-    def oracle(context, masks, action):
-        outs = []
-        start = 0
+    def oracle(self, context, masks, action):
+        import torch.nn.functional as F
+
+        outs, start, rec = [], 0, self.record
         for b in range(masks.batch_size):
-            k = [i for i in range(len(record["actions"])) if torch.equal(record["actions"][i], action[b])]
+            k = [i for i in range(len(rec["actions"])) if torch.equal(rec["actions"][i], action[b])]
             assert len(k) == 1
             n = masks.target_counts[b]
             pos = masks.target_idx[start:start + n]
-            feats = target.module(record["candidates"][k[0]][None])[0, pos]
-            outs.append(F.layer_norm(feats, feats.shape[-1:], eps=cfg.model.target_norm_eps))
+            feats = self.target.module(rec["candidates"][k[0]][None])[0, pos]
+            outs.append(F.layer_norm(feats, feats.shape[-1:], eps=self.cfg.model.target_norm_eps))
             start += n
         return torch.cat(outs)
 
-    model.predictor.forward = oracle
-    E.mrr_views = spy_views
-    try:
-        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        mrr = E.mean_reciprocal_rank(model, target, images, cfg, generator=torch.Generator().manual_seed(2), chunk=10)
-    finally:
-        E.mrr_views = real_views
+    def __enter__(self):
+        self.E.mrr_views = self.spy_views
+        return self
+
+    def __exit__(self, *exc):
+        self.E.mrr_views = self.real_views
+
+
+def test_an_oracle_predictor_scores_exactly_one():
+    """Catches targets that are not layer-normed, gathered in another order, or paired with another
+    candidate's action."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with OracleSetup() as o:
+        mrr = o.E.mean_reciprocal_rank(o.model, o.target, images, o.cfg, generator=torch.Generator().manual_seed(2),
+                                       chunk=10)
     assert mrr == 1.0
+
+
+def test_explained_variation_against_hand_values():
+    from engine.eval import explained_variation
+
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) + 3.0  # variation 1 per candidate
+    assert explained_variation(t, t) == 1.0
+    assert explained_variation(torch.full_like(t, 7.0), t) == 0.0  # blind: follows none of it
+    assert abs(explained_variation(0.5 * t + 1.0, t) - 0.75) < 1e-12  # half the size: 1 - 0.5^2
+    assert abs(explained_variation(-t, t) - (1 - 4.0)) < 1e-12  # the wrong direction: worse than blind
+
+
+def test_per_op_profile_isolates_each_op_and_scores_an_oracle_at_one():
+    """Each op's candidates vary in that op's action column only (the other jitter columns at the identity,
+    no destructive op; the order columns may vary, which is immaterial with one op); an oracle predictor gets MRR 1 and R^2 1 on every op, a blind one chance and 0."""
+    from engine.eval import JITTER_OPS, chance_mrr, equivariance_per_op
+    from engine.views import identity_action
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with OracleSetup() as o:
+        o.cfg.views.hue = 0.0  # an op of strength 0 is left out
+        prof = equivariance_per_op(o.model, o.target, images, o.cfg, candidates=12,
+                                   generator=torch.Generator().manual_seed(3))
+        actions = o.record["all_actions"]
+    assert list(prof) == ["brightness", "contrast", "saturation", "all"]
+    for r in prof.values():
+        assert r["mrr"] == 1.0 and abs(r["r2"] - 1.0) < 1e-9 and r["target_spread"] > 0
+    cols = list(o.cfg.views.action_columns)
+    ident = identity_action(1, o.cfg.views)[0]
+    for i, op in enumerate(["brightness", "contrast", "saturation"]):
+        a = actions[2 * i]  # two images per op
+        varying = [c for j, c in enumerate(cols) if not torch.all(a[:, j] == ident[j]) and not c.startswith("rank_")]
+        assert varying == [op], (op, varying)
+
+    model = o.model
+    model.predictor.forward = lambda ctx, masks, action: torch.zeros(int(masks.target_idx.numel()),
+                                                                     o.cfg.model.embed_dim)
+    blind = equivariance_per_op(model, o.target, images, o.cfg, candidates=12, generator=torch.Generator().manual_seed(3))
+    for r in blind.values():
+        assert abs(r["mrr"] - chance_mrr(12)) < 1e-12 and abs(r["r2"]) < 1e-12
 
 
 def test_mrr_interval_is_mean_plus_minus_two_standard_errors():
