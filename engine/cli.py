@@ -318,7 +318,8 @@ def run_imagine(args) -> dict:
     from engine.world_model import WorldModel, imagine_demo, load_image, save_demo_png
 
     wm = WorldModel.load(args.ckpt, args.device)
-    image = load_image(args.image, wm.cfg.data.img_size)
+    image = _embedded_image(wm.cfg, args.image) if args.image.startswith("embedded:") else \
+        load_image(args.image, wm.cfg.data.img_size)
     demo = imagine_demo(wm, image, random_candidates=args.candidates, seed=args.seed)
     png = args.out or _default_out(args.ckpt, "imagine.png")
     save_demo_png(demo, png, top=args.top)
@@ -330,6 +331,21 @@ def run_imagine(args) -> dict:
         print(f"{name:>15}: true target ranked {a['rank']:g} of {result['candidates']} (nearest: {a['nearest']})")
     print(f"mean reciprocal rank {result['mrr']:.3f} (chance {result['chance_mrr']:.3f}); wrote {png} and {out}")
     return result
+
+
+def _embedded_image(cfg, spec: str) -> torch.Tensor:
+    """'embedded:N' -> the N-th image of the embedded val split, [3, S, S] in [0, 1] (centre view)."""
+    from engine.data import DataError, to_float_images
+    from engine.eval import eval_dataset
+
+    ds = eval_dataset(cfg, "val", "embedded")
+    try:
+        index = int(spec.split(":", 1)[1])
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(ds):
+        raise DataError(f"--image {spec}: use embedded:N with 0 <= N < {len(ds)} (the embedded val images)")
+    return to_float_images(ds[index][0][None], "cpu")[0]
 
 
 def _positive(text: str) -> int:
@@ -402,7 +418,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("imagine", help="the world model as a tool: named actions (brighter, grayscale, ...) on one "
                                        "image, each prediction ranked among real transformed images (PNG + JSON)")
     p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
-    p.add_argument("--image", required=True, help="an image file (resized and centre-cropped to the model's size)")
+    p.add_argument("--image", required=True, help="an image file (resized and centre-cropped to the model's size), "
+                                                  "or embedded:N for the N-th embedded val image")
     p.add_argument("--candidates", type=_positive, default=32,
                    help="random jitters of the image added to the named targets as candidates")
     p.add_argument("--top", type=_positive, default=5, help="nearest candidates shown per action")

@@ -255,3 +255,28 @@ def test_imagine_bad_image_is_one_line_and_exit_2(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # the JSON would overwrite the picture
         eval_main(["imagine", "--ckpt", str(run_dir), "--image", str(image), "--out", str(tmp_path / "x.json")])
     assert e.value.code == 2 and "give a .png path" in capsys.readouterr().err
+
+
+def test_imagine_takes_an_embedded_val_image(run_dir, tmp_path, capsys, monkeypatch):
+    """--image embedded:N is the N-th embedded val image, centre view (the README's command needs no file)."""
+    from engine.cli import eval_main
+    from engine.data import to_float_images
+    from engine.eval import eval_dataset
+
+    seen = {}
+    real = W.imagine_demo
+
+    def spy(wm, image, **kw):
+        seen["image"] = image
+        return real(wm, image, **kw)
+
+    monkeypatch.setattr(W, "imagine_demo", spy)
+    out = tmp_path / "e.png"
+    assert eval_main(["imagine", "--ckpt", str(run_dir), "--image", "embedded:3", "--candidates", "4",
+                      "--out", str(out), "--device", "cpu"]) == 0
+    cfg = WorldModel.load(str(run_dir)).cfg
+    expected = to_float_images(eval_dataset(cfg, "val", "embedded")[3][0][None], "cpu")[0]
+    assert torch.equal(seen["image"], expected) and out.exists()
+    for bad in ("embedded:x", "embedded:100000"):
+        assert eval_main(["imagine", "--ckpt", str(run_dir), "--image", bad, "--device", "cpu"]) == 2
+        assert "use embedded:N" in capsys.readouterr().err
