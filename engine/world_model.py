@@ -311,7 +311,7 @@ def save_demo_png(demo: Demo, path: str, top: int = 5, title: str = "") -> str:
         cells = [(ex.source, f"source: {ex.name}", False), (ex.target, f"true: rank {demo.rank(r):g}/{C}", False)]
         cells += [(demo.pool[k], f"#{j + 1} {demo.labels[k]}", k == r) for j, k in enumerate(order[:top])]
         for ax, (img, label, outline) in zip(axes[r], cells):
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
             ax.set_title(label, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -321,6 +321,6 @@ def save_demo_png(demo: Demo, path: str, top: int = 5, title: str = "") -> str:
                 spine.set_linewidth(3)
     fig.suptitle(title or f"imagined by the predictor, retrieved among {C} real images (true outlined)", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
     return path
