@@ -301,8 +301,10 @@ class Run:
         cfg = self.cfg
         groups = (task.param_groups(cfg.optim.weight_decay) if hasattr(task, "param_groups")
                   else param_groups(task.model, cfg.optim.weight_decay))
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr,
-                                      betas=cfg.optim.betas, fused=self.device.type == "cuda")
+        # fused: one pass over each (ZeRO: flat) parameter tensor, on the CPU too (the loop implementation
+        # makes ten; 10x faster there, the same update to fp32 rounding)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr, betas=cfg.optim.betas,
+                                      fused=self.device.type in ("cuda", "cpu"))
         engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, self.info.world_size))
         engine.checkpoint_engine = ckpt_lib.SafeCheckpointEngine()  # resume never unpickles code
