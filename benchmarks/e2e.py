@@ -157,16 +157,20 @@ def measure(step, flop_step, warmup: int, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # our side (the project's .venv)
 # ---------------------------------------------------------------------------------------------------------
+def our_sets(model: str, img: int, batch: int) -> list:
+    """The overrides of recipes/pretrain_tiny.py's config that make our side of the comparison."""
+    enc, patch, depth, width, heads = MODELS[model]
+    return [f"model.encoder={enc}", f"model.patch_size={patch}", f"model.predictor_depth={depth}",
+            f"model.predictor_width={width}", f"model.predictor_heads={heads}", f"data.img_size={img}",
+            f"data.batch_size={batch}", "train.precision=fp32"]
+
+
 def our_config(model: str, img: int, batch: int, overrides, out_dir: str):
     sys.path.insert(0, os.path.join(ROOT, "recipes"))
     import pretrain_tiny
 
-    enc, patch, depth, width, heads = MODELS[model]
     cfg = pretrain_tiny.config()
-    sets = [f"model.encoder={enc}", f"model.patch_size={patch}", f"model.predictor_depth={depth}",
-            f"model.predictor_width={width}", f"model.predictor_heads={heads}", f"data.img_size={img}",
-            f"data.batch_size={batch}", "train.precision=fp32", f"train.out_dir={out_dir}", *overrides]
-    for s in sets:
+    for s in our_sets(model, img, batch) + [f"train.out_dir={out_dir}", *overrides]:
         cfg.override(s)
     return cfg.validate()
 
@@ -199,7 +203,8 @@ def run_ours(args, images: torch.Tensor) -> dict:
     result.update(side="ours", flop_per_step=result["flop_per_step"] - views_flops, views_flop_per_step=views_flops,
                   context_tokens=per_img["context"], target_tokens=per_img["target"],
                   predictor_tokens=per_img["context"] + per_img["target"],
-                  loss=meters.loss_sum.item() / meters.micro, config=cfg.to_dict())
+                  loss=meters.loss_sum.item() / meters.micro, recipe="recipes/pretrain_tiny.py",
+                  sets=our_sets(args.model, images.shape[-1], images.shape[1]) + (args.set or []))
     return result
 
 
