@@ -1,7 +1,9 @@
 """End-to-end training step, side by side: this engine's IWM step against a plain-PyTorch I-JEPA peer.
 
     make bench-peer                                   # once: builds .venv-peer (pinned lightly==1.6.0)
-    python benchmarks/e2e.py [--quick] [--threads N] [--models ti,s] [--out benchmarks/results/e2e.json]
+    python benchmarks/e2e.py [--quick] [--threads N] [--models ti,s] [--clock wall|cpu] [--set K=V]
+                             [--out benchmarks/results/e2e.json]
+    python benchmarks/e2e.py --profile [--models ti]   # torch.profiler of our step: top ops and phases
 
 **Ours** is the step ``engine.train.train()`` runs: :meth:`engine.run.Run.optimizer_step` on the
 Pretraining task (views + action, masks, EMA target encoder, encoder + feature-conditioned predictor,
@@ -20,9 +22,11 @@ the embedded data set, made once by this script; the loader is outside the timin
 the peer's transforms, and its ImageNet normalisation), warms up, counts one step's FLOPs with
 ``torch.utils.flop_counter.FlopCounterMode`` (plus the CPU flash-attention ops it does not know), times
 ``--steps`` steps, and measures a 2048^3 fp32 matmul in the same process: MFU = achieved FLOP/s over that
-peak. The sides alternate (A/B/A/B) for ``--rounds`` rounds and each figure is the median over rounds.
-Ours' FLOPs exclude the views' own small matmuls (colour matrices, blur), reported apart. Both clocks are
-kept: wall time (the table) and process CPU time (the JSON; steadier on a shared machine at one thread).
+peak. Peak RSS is the resident high-water mark over the timed steps (reset after the warm-up). The sides
+alternate (A/B/A/B) for ``--rounds`` rounds and each figure is the median over rounds. Ours' FLOPs exclude
+the views' own small matmuls (colour matrices, blur), reported apart. Both clocks are kept in the JSON: wall
+time (the table's by default) and process CPU time per thread (``--clock cpu``: steadier on a shared
+machine, where waiting for a core inflates wall time; the matmul peak is taken on the same clock).
 """
 from __future__ import annotations
 
