@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-fast bench clean-venv
+.PHONY: demo test test-fast bench bench-peer bench-e2e clean-venv
 
 $(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,21 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/kernels_table.py --out benchmarks/results/kernels.json
 	$(BIN)/python benchmarks/attention_table.py --out benchmarks/results/attention.json
 	$(BIN)/python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable -q
+
+# the plain-PyTorch peer of benchmarks/e2e.py: lightly's I-JEPA (pinned, installed, never vendored) in its own
+# environment, on this project's torch / torchvision / timm pins (constraints.txt)
+PEER := .venv-peer
+$(PEER)/.installed: constraints.txt
+	test -x $(PEER)/bin/python || $(PY) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet --upgrade pip==24.3.1
+	$(PEER)/bin/python -m pip install --quiet lightly==1.6.0 timm torch torchvision -c constraints.txt
+	touch $@
+
+bench-peer: $(PEER)/.installed
+
+# our training step against the peer, alternating (tables + benchmarks/results/e2e.json)
+bench-e2e: $(STAMP) $(PEER)/.installed
+	$(BIN)/python benchmarks/e2e.py
 
 clean-venv:
 	rm -rf $(VENV)

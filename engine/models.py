@@ -135,7 +135,9 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor, masks: Optional[MaskBatch] = None) -> torch.Tensor:
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-        x = self.vit.patch_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
+        # [B, N, D]; timm's patch embedding returns a transposed view of its NCHW output: made contiguous here,
+        # once, or every residual add keeps that layout and every layer norm copies its input
+        x = self.vit.patch_embed(x).contiguous() + self.pos_embed.to(x.dtype)
         layout = None
         if masks is not None:
             x = gather_tokens(x, masks.flat_context())[None]  # [1, Tc, D]

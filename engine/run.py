@@ -207,7 +207,7 @@ class Run:
             resume_tag = self._resume_tag()
             loader, sched = self._data(task)
             task.load_eval_data()
-            engine = self._engine(task)
+            engine = self.build_engine(task)
             step = self._resume(engine, task, resume_tag) if resume_tag else 0
             self._start(step, resume_tag)  # the run has proved it can start: only now touch old files
             self.metrics = MetricLogger(self.dir.path, enabled=info.is_main)
@@ -217,19 +217,12 @@ class Run:
             meters = Meters(self.device)
             saved_at = None
             for step, micro_batches in self._optimizer_steps(loader, sched, step):
-                lr, wd = sched.apply(engine.optimizer, cfg, step)
-                for images, labels in micro_batches:
-                    out = task.step(engine, to_float_images(images, self.device),
-                                    labels.to(self.device, non_blocking=True), self.autocast)
-                    engine.backward(out.loss)
-                    engine.step()
-                    meters.add(out.loss, images.shape[0], task.tokens(out))
+                logged = self.optimizer_step(engine, task, step, micro_batches, sched, meters)
                 step += 1
-                logged = task.after_update(step, sched.total)
                 bar.update(1)
                 last = step == sched.total
                 if step % cfg.train.log_every == 0 or last:
-                    self._log(step, sched, meters, engine, bar, lr=lr, weight_decay=wd, **logged)
+                    self._log(step, sched, meters, engine, bar, **logged)
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
                     results = self._evaluate(step, sched, meters, task, engine, bar)
                 if step % cfg.train.ckpt_every == 0 or last:
@@ -240,6 +233,20 @@ class Run:
                 self._save(step, sched, meters, engine, task, loader, results)
             bar.close()
             return self._finish(step, results, loader)
+
+    def optimizer_step(self, engine, task, step: int, micro_batches: List[tuple], sched: Schedule,
+                       meters: Meters) -> Dict[str, float]:
+        """Optimizer step ``step`` (0-based): the scheduled LR / weight decay, each micro-batch's forward,
+        backward and (DeepSpeed: accumulated) update, then the task's after-update (the EMA). No host sync.
+        Returns the values to log. (``benchmarks/e2e.py`` times this very call.)"""
+        lr, wd = sched.apply(engine.optimizer, self.cfg, step)
+        for images, labels in micro_batches:
+            out = task.step(engine, to_float_images(images, self.device),
+                            labels.to(self.device, non_blocking=True), self.autocast)
+            engine.backward(out.loss)
+            engine.step()
+            meters.add(out.loss, images.shape[0], task.tokens(out))
+        return dict(lr=lr, weight_decay=wd, **task.after_update(step + 1, sched.total))
 
     def _optimizer_steps(self, loader, sched: Schedule, step: int) -> Iterator[Tuple[int, List[tuple]]]:
         """(step, the micro-batches of that optimizer step) from ``step`` on; a resumed run continues the
@@ -286,14 +293,18 @@ class Run:
         self.accum = accumulation_steps(cfg, info.world_size)
         return loader, Schedule.build(cfg, len(loader), self.accum)
 
-    def _engine(self, task):
+    def build_engine(self, task):
+        """The DeepSpeed engine around ``task.model`` with torch AdamW (``task.param_groups`` or the decay
+        rule of :func:`param_groups`), our safe checkpoint engine and ZeRO-3's external parameters."""
         import deepspeed
 
         cfg = self.cfg
         groups = (task.param_groups(cfg.optim.weight_decay) if hasattr(task, "param_groups")
                   else param_groups(task.model, cfg.optim.weight_decay))
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr,
-                                      betas=cfg.optim.betas, fused=self.device.type == "cuda")
+        # fused: one pass over each (ZeRO: flat) parameter tensor, on the CPU too (the loop implementation
+        # makes ten; 10x faster there, the same update to fp32 rounding)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr, betas=cfg.optim.betas,
+                                      fused=self.device.type in ("cuda", "cpu"))
         engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, self.info.world_size))
         engine.checkpoint_engine = ckpt_lib.SafeCheckpointEngine()  # resume never unpickles code
@@ -309,7 +320,7 @@ class Run:
             log.info("%s: encoder %s/%d, predictor %dx%d, conditioning=%s | %.2fM trainable params | %d ranks x "
                      "batch %d x %d accumulation | device %s", task.name, m.encoder, m.patch_size, m.predictor_depth,
                      m.predictor_width, m.conditioning, n / 1e6, self.info.world_size, cfg.data.batch_size,
-                     self.accum, self.device)
+                     accumulation_steps(cfg, self.info.world_size), self.device)
         return engine
 
     def _resume(self, engine, task, tag: str) -> int:
