@@ -12,7 +12,8 @@ evaluation and the checkpoint of the last step replaced by a measurement, so a p
 logs. Settings: the config defaults (views, masks, ``feature`` conditioning, AdamW), the embedded data set,
 ``data.num_workers`` 0 on CPU (the loader's crop is part of the step, in the rank's own threads), the
 predictor of :data:`SIZES`, ``train.log_every`` 1. After each launch the script deletes the shared-memory
-buffers DeepSpeed's CPU all-reduce leaves in /dev/shm (:func:`remove_shm_buffers`).
+buffers DeepSpeed's CPU all-reduce leaves in /dev/shm (``engine.distributed.remove_shm_buffers``; the ranks
+remove their own at exit, this catches a launch that crashed).
 
 Per point: the first ``--warmup`` steps are discarded; throughput is the engine's own figure (``img_per_s`` in
 the run's ``metrics.csv``: images of all ranks / rank 0's wall time of the step), combined over the remaining
@@ -73,6 +74,7 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+from engine.distributed import remove_shm_buffers  # noqa: E402
 
 # short name -> (encoder, predictor depth, width, heads); the predictors of the issue's peer comparison (Ti, S)
 # and I-JEPA's 12 x 384 for the large encoders
@@ -317,20 +319,6 @@ def child_main(argv: List[str]) -> int:
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------
-def remove_shm_buffers(port: int, shm: str = "/dev/shm") -> List[str]:
-    """Delete the shared-memory all-reduce buffers of a finished launch on ``port``: DeepSpeed's CPU
-    communication (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) creates one of about 66 MB per local rank,
-    ``deepspeed_allreduce_buffer_<uid>_<master addr>_<port>_<rank>``, and never unlinks it, so every launch
-    would otherwise leave that much memory behind in /dev/shm (tmpfs: RAM)."""
-    prefix, removed = f"deepspeed_allreduce_buffer_{os.getuid()}_", []
-    for name in os.listdir(shm) if os.path.isdir(shm) else []:
-        parts = name[len(prefix):].rsplit("_", 2)
-        if name.startswith(prefix) and len(parts) == 3 and parts[1] == str(port) and parts[2].isdigit():
-            os.unlink(os.path.join(shm, name))
-            removed.append(name)
-    return removed
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

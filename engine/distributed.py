@@ -1,9 +1,11 @@
 """Process-group set-up that works under the DeepSpeed launcher, torchrun, or plain ``python``."""
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,7 +48,28 @@ def setup_distributed() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if backend == "gloo":  # this rank's shared-memory all-reduce buffer goes with the process
+            atexit.register(remove_shm_buffers, os.environ["MASTER_PORT"], rank=local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def remove_shm_buffers(port, shm: str = "/dev/shm", rank: Optional[int] = None) -> List[str]:
+    """Delete the shared-memory all-reduce buffers of the launch on ``port`` (only local rank ``rank``'s if
+    given). DeepSpeed's CPU communication (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) creates one of about
+    66 MB per local rank, ``deepspeed_allreduce_buffer_<uid>_<master addr>_<port>_<rank>``, and never
+    unlinks it: without this every CPU launch leaves that much memory behind in /dev/shm (tmpfs: RAM).
+    Unlinking at exit is safe: a mapping outlives its name."""
+    prefix, removed = f"deepspeed_allreduce_buffer_{os.getuid()}_", []
+    for name in os.listdir(shm) if os.path.isdir(shm) else []:
+        parts = name[len(prefix):].rsplit("_", 2)
+        if (name.startswith(prefix) and len(parts) == 3 and parts[1] == str(port) and parts[2].isdigit()
+                and (rank is None or int(parts[2]) == rank)):
+            try:
+                os.unlink(os.path.join(shm, name))
+            except FileNotFoundError:  # another rank of the launch removed it first
+                continue
+            removed.append(name)
+    return removed
 
 
 def barrier() -> None:

@@ -20,6 +20,13 @@ def launch(recipe, *args, port):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def shm_buffers(port):
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the launch on ``port`` (66 MB of RAM per rank)."""
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return [n for n in names if n.startswith(prefix) and n[len(prefix):].rsplit("_", 2)[1:2] == [str(port)]]
+
+
 @pytest.fixture(scope="module")
 def smoke_pretrain(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "pretrain_tiny"
@@ -32,6 +39,7 @@ def smoke_pretrain(tmp_path_factory):
 def test_pretrain_tiny_smoke(smoke_pretrain):
     ckpt = torch.load(smoke_pretrain / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["data"]["img_size"] == 32
+    assert shm_buffers(29700 + os.getpid() % 89) == []  # each rank removed its own at exit
 
 
 @pytest.mark.slow

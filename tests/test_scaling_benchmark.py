@@ -162,12 +162,15 @@ def test_quick_sweep_end_to_end(tmp_path):
 
 
 def test_remove_shm_buffers_deletes_only_that_launch(tmp_path):
+    from engine.distributed import remove_shm_buffers
+
     uid = os.getuid()
     mine = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_5000_{r}" for r in (0, 1)]
     others = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_50001_0", f"deepspeed_allreduce_buffer_{uid + 1}_h_5000_0",
               f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_15000_0", "unrelated_5000_0"]
     for name in mine + others:
         (tmp_path / name).write_bytes(b"x")
-    assert sorted(scaling.remove_shm_buffers(5000, str(tmp_path))) == mine
+    assert remove_shm_buffers("5000", str(tmp_path), rank=1) == [mine[1]]  # a rank's own, at its exit
+    assert remove_shm_buffers(5000, str(tmp_path)) == [mine[0]]  # the launch's, after it
     assert sorted(os.listdir(tmp_path)) == sorted(others)
-    assert scaling.remove_shm_buffers(5000, str(tmp_path / "missing")) == []
+    assert remove_shm_buffers(5000, str(tmp_path / "missing")) == []
