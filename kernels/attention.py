@@ -102,27 +102,18 @@ def ragged_attention_reference(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
-@functools.lru_cache(maxsize=8)
-def _padded_layout(seqlens: tuple, device: str) -> tuple:
-    """For the padded [B, L] layout of a packed batch (L = the longest sample): ``rows`` [T], where each packed
-    token sits; ``src`` [B*L], the packed row each padded slot reads (T, one past the end, for padding: an
-    appended zero row); ``key_mask`` [B, 1, 1, L], True where a slot holds a token."""
-    b, j = _token_positions(seqlens, "cpu")
-    B, L, T = len(seqlens), max(seqlens), sum(seqlens)
-    rows = b * L + j
-    src = torch.full((B * L,), T, dtype=torch.long)
-    src[rows] = torch.arange(T)
-    return rows.to(device), src.to(device), (src < T).view(B, 1, 1, L).to(device)
-
-
 def _ragged_attention_sdpa(q, k, v, seqlens: Sequence[int]) -> torch.Tensor:
     T, H, Dh = q.shape
     B, L = len(seqlens), max(seqlens)
-    rows, src, key_mask = _padded_layout(tuple(int(n) for n in seqlens), str(q.device))
+    b, j = _token_positions(seqlens, q.device)
+    rows = b * L + j  # where each packed token sits in the padded [B*L] layout
 
-    def pad(t):  # [T, H, Dh] -> [B, H, L, Dh] in one gather (its backward one scatter-add); padding reads zeros
-        return torch.cat((t, t.new_zeros(1, H, Dh))).index_select(0, src).view(B, L, H, Dh).transpose(1, 2)
+    def pad(t):
+        return t.new_zeros(B * L, H, Dh).index_copy(0, rows, t).view(B, L, H, Dh).transpose(1, 2)
 
+    keep = torch.zeros(B * L, dtype=torch.bool, device=q.device)
+    keep[rows] = True
+    key_mask = keep.view(B, 1, 1, L)  # True = attend
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask)  # [B, H, L, Dh]
     return out.transpose(1, 2).reshape(B * L, H, Dh).index_select(0, rows)
 
