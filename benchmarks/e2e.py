@@ -179,28 +179,35 @@ def our_config(model: str, img: int, batch: int, overrides, out_dir: str):
     return cfg.validate()
 
 
-def run_ours(args, images: torch.Tensor) -> dict:
+def our_engine(args, images: torch.Tensor, out_dir: str):
+    """(config, Run, Pretraining task, DeepSpeed engine): what ``train()`` builds, for our side's step."""
     from engine.pretrain import Pretraining
-    from engine.run import Meters, Run, Schedule, start_process
-    from engine.views import make_views
+    from engine.run import Run, start_process
     from kernels import dispatch
 
+    cfg = our_config(args.model, images.shape[-1], images.shape[1], args.set or [], out_dir)
+    info = start_process()
+    dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
+    run, task = Run(cfg, info), Pretraining(cfg, info.device, info.rank)
+    return cfg, run, task, run.build_engine(task)
+
+
+def run_ours(args, images: torch.Tensor) -> dict:
+    from engine.run import Meters, Schedule
+    from engine.views import make_views
+
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = our_config(args.model, images.shape[-1], images.shape[1], args.set or [], out_dir)
-        info = start_process()
-        dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
-        run, task = Run(cfg, info), Pretraining(cfg, info.device, info.rank)
-        engine = run.build_engine(task)
+        cfg, run, task, engine = our_engine(args, images, out_dir)
         sched = Schedule(total=10 ** 6, warmup=1000, steps_per_epoch=1000)
         labels = torch.zeros(images.shape[1], dtype=torch.long)
-        meters = Meters(info.device)
+        meters = Meters(run.device)
 
         def step(i):
             run.optimizer_step(engine, task, i, [(images[i % len(images)], labels)], sched, meters)
 
         views_flops = count_flops(lambda: make_views(images[0].float() / 255, cfg.views,
                                                      torch.Generator().manual_seed(0)))
-        counted = Meters(info.device)  # the FLOP-counted step's tokens
+        counted = Meters(run.device)  # the FLOP-counted step's tokens
         result = measure(step, lambda: run.optimizer_step(engine, task, 0, [(images[0], labels)], sched, counted),
                          args.warmup, args.steps)
     per_img = {k: v / meters.images for k, v in meters.tokens.items()}
@@ -228,16 +235,10 @@ def profile_ours(args, images: torch.Tensor) -> None:
     split into phases (record_function around the step's parts, set up here by wrapping them)."""
     import importlib
 
-    from engine.pretrain import Pretraining
-    from engine.run import Meters, Run, Schedule, start_process
-    from kernels import dispatch
+    from engine.run import Meters, Schedule
 
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = our_config(args.model, images.shape[-1], images.shape[1], args.set or [], out_dir)
-        info = start_process()
-        dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
-        run, task = Run(cfg, info), Pretraining(cfg, info.device, info.rank)
-        engine = run.build_engine(task)
+        cfg, run, task, engine = our_engine(args, images, out_dir)
         for module, attr, name in PHASES:
             mod = importlib.import_module(module)
             setattr(mod, attr, _annotate(getattr(mod, attr), name))
@@ -248,7 +249,7 @@ def profile_ours(args, images: torch.Tensor) -> None:
         engine.backward = _annotate(engine.backward, "backward")
         engine.step = _annotate(engine.step, "optimizer (engine.step)")
         task.after_update = _annotate(task.after_update, "EMA update")
-        sched, meters = Schedule(total=10 ** 6, warmup=1000, steps_per_epoch=1000), Meters(info.device)
+        sched, meters = Schedule(total=10 ** 6, warmup=1000, steps_per_epoch=1000), Meters(run.device)
         labels = torch.zeros(images.shape[1], dtype=torch.long)
 
         def step(i):
@@ -521,9 +522,10 @@ def main(argv=None) -> int:
     if with_peer:
         print("\n" + WORK_DIFFERENCES)
     if args.out:
+        from engine.checkpoint import atomic_write_json
+
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.out, result)
         print(f"\nsaved {args.out}")
     return 0
 
