@@ -77,6 +77,7 @@ def reciprocal_rank_per_image(model: IWM, target_encoder, images: torch.Tensor, 
     return torch.stack(rrs)  # [M]: each image's mean reciprocal rank over its K candidates
 
 
+@torch.no_grad()
 def candidate_latents(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig,
                       generator: Optional[torch.Generator] = None, chunk: int = 64):
     """Yields, per image, (predictions [K, Tt*D], targets [K, Tt*D]) of the MRR protocol above."""
