@@ -292,6 +292,7 @@ def gather(root: str) -> dict:
     for model in list(MODELS) + [REFERENCE]:
         with open(os.path.join(root, model, "study.json")) as f:
             rows[model] = json.load(f)
+        rows[model]["checkpoint"] = os.path.relpath(rows[model]["checkpoint"], ROOT)
     return rows
 
 
@@ -426,13 +427,13 @@ def main(argv=None) -> int:
     payload = {"command": command, "stage_seconds": stage_wall, "stage_cpu_seconds": stage_cpu,
                "this_invocation": {"seconds": round(seconds), "cpu_seconds": round(cpu)}, "jobs": args.jobs,
                "threads_per_job": child_env(max(1, (os.cpu_count() or 1) // args.jobs))["OMP_NUM_THREADS"],
-               "quick": args.quick, "root": args.root, "models": rows,
-               "claims": [{"claim": c, "verdict": v} for c, v in checks], "png": png}
+               "quick": args.quick, "root": os.path.relpath(args.root, ROOT), "models": rows,
+               "claims": [{"claim": c, "verdict": v} for c, v in checks], "png": os.path.relpath(png, ROOT)}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(payload, f, indent=2)
-    print(f"\n$ {command}   (this invocation: {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU; the study's stages: "
-          f"{stage_wall / 60:.1f} min wall summed, {stage_cpu / 60:.1f} min CPU = about {stage_cpu / 120:.1f} min on "
+    print(f"\n$ {command}   (this invocation: {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU; the study's stages, summed: "
+          f"{stage_wall / 60:.1f} min wall, {stage_cpu / 60:.1f} min CPU = about {stage_cpu / 120:.1f} min on "
           f"2 free cores)\n")
     print(table(rows))
     print()
@@ -440,7 +441,8 @@ def main(argv=None) -> int:
         print(f"- {claim}: {verdict}")
     print("\nwall seconds per stage (CPU seconds where recorded):")
     for model, row in rows.items():
-        parts = [f"pretraining {row['pretrain_s']}"] if "pretrain_s" in row else []
+        parts = [f"pretraining {row['pretrain_s']}" + (f" ({row['pretrain_cpu_s']})" if "pretrain_cpu_s" in row else "")
+                 ] if "pretrain_s" in row else []
         parts += [f"{k} {v['seconds']}" + (f" ({v['cpu_seconds']})" if "cpu_seconds" in v else "")
                   for k, v in row.get("results", {}).items()]
         print(f"  {model}: " + ", ".join(parts))

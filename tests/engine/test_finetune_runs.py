@@ -1,6 +1,6 @@
 """Finetuning runs end to end on the embedded data (one rank, in process): each protocol from a pretrained
-tiny IWM against the same protocol from a randomly initialised one; resume; the eval commands and their
-errors (exit code 2, one line)."""
+tiny IWM (against the same protocol from a randomly initialised one where that comparison holds at this scale,
+docs/finetune.md); resume; the eval commands and their errors (exit code 2, one line)."""
 import json
 import os
 import shutil
@@ -50,26 +50,48 @@ def finetune_config(source, out, protocol, steps=100, extra=()):
     return cfg
 
 
-# Measured on 2 CPU cores (top-1 %, pretrained vs random, 80 val images): encoder 12.5 vs 17.5, linear 11.25 vs
-# 12.5, attentive 20.0 vs 25.0 (predictor 12.5 vs 10.0, end_to_end 13.75 vs 10.0 pass). A 150-step tiny
-# pretraining does not give better features than a random ViT at 32 px; see docs/finetune.md.
-NOT_YET = pytest.mark.xfail(reason="at this tiny scale the pretrained encoder does not beat a random one "
-                                   "(measured, docs/finetune.md)", strict=False)
+# The protocol tests run on the embedded set at 200 images per class (2000 train, 500 val: 0.2 pp per image;
+# the binomial standard error of a top-1 between 10 and 50% is 1.3-2.2 pp).
+COMPARED = ["data.embedded_per_class=200"]
+PROTOCOL_STEPS = {"predictor": 300, "end_to_end": 600, "encoder": 300, "linear": 300, "attentive": 300}
+
+
+def protocol_top1(source, out, protocol):
+    from engine.finetune import finetune
+
+    cfg = finetune_config(source, out, protocol, steps=PROTOCOL_STEPS[protocol], extra=COMPARED)
+    return finetune(cfg).metrics["best_top1"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", [pytest.param("encoder", marks=NOT_YET), "predictor", "end_to_end",
-                                      pytest.param("linear", marks=NOT_YET),
-                                      pytest.param("attentive", marks=NOT_YET)])
+@pytest.mark.parametrize("protocol", ["predictor", "end_to_end"])
 def test_protocol_beats_a_random_encoder(sources, tmp_path, protocol):
-    from engine.finetune import finetune
-
+    """The pretrained encoder + predictor against the same protocol from a randomly initialised encoder +
+    predictor, by at least 5 pp. Measured with the fixture's pretraining at seeds 0 / 1 / 2 (the random network
+    drawn with the same seed; docs/finetune.md, "At test scale"), top-1 %: predictor (300 steps) 22.0 / 19.2 /
+    22.2 against 10.0 / 10.0 / 10.0; end_to_end (600 steps) 57.6 / 26.2 / 31.6 against 13.2 / 10.0 / 22.0."""
     pretrained, random_init = sources
-    top1 = {}
-    for name, src in (("pretrained", pretrained), ("random", random_init)):
-        top1[name] = finetune(finetune_config(src, tmp_path / name, protocol)).metrics["best_top1"]
+    top1 = {name: protocol_top1(src, tmp_path / name, protocol)
+            for name, src in (("pretrained", pretrained), ("random", random_init))}
     print(protocol, top1)
-    assert top1["pretrained"] > top1["random"], top1
+    assert top1["pretrained"] >= top1["random"] + 5.0, top1
+
+
+# What holds at this scale for the other protocols (docs/finetune.md, "At test scale"): each learns above chance
+# (10%) from the pretrained encoder, but a randomly initialised encoder does as well or better (300 steps,
+# pretraining seeds 0 / 1 / 2, top-1 %, pretrained vs random): encoder 45.0 / 38.2 / 40.0 vs 28.0 / 33.0 / 51.2
+# (600 steps: 64.0 / 42.0 / 64.0 vs 48.2 / 68.0 / 72.4); linear 13.8 / 14.0 / 13.2 vs 16.4 / 16.2 / 17.6;
+# attentive 48.0 / 48.2 / 49.4 vs 52.6 / 50.4 / 54.0. So these assert what holds: the floors sit under the
+# lowest pretrained run (the linear probe on pooled 32 px features barely leaves chance, random or pretrained).
+LEARNS_AT_LEAST = {"encoder": 25.0, "linear": 12.0, "attentive": 35.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", sorted(LEARNS_AT_LEAST))
+def test_protocol_learns_from_the_pretrained_encoder(sources, tmp_path, protocol):
+    top1 = protocol_top1(sources[0], tmp_path / protocol, protocol)
+    print(protocol, top1)
+    assert top1 >= LEARNS_AT_LEAST[protocol], (protocol, top1)
 
 
 @pytest.mark.slow
