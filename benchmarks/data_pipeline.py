@@ -11,14 +11,14 @@ best of several repeats; the median is saved too.
 
 Two allocator settings: glibc's defaults, where the freed temporaries of a batch go back to the OS and
 every new tensor page-faults its memory in again (thousands of faults per batch: about a third of the
-time at 64 px), and ``mallopt`` with M_MMAP_THRESHOLD 32 MiB + M_TRIM_THRESHOLD 1 GiB (what
+time at 64 px), and ``mallopt`` (``engine.distributed.keep_freed_memory``, what every CPU rank of the engine
+runs) with M_MMAP_THRESHOLD 32 MiB + M_TRIM_THRESHOLD 1 GiB (what
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or a jemalloc / tcmalloc LD_PRELOAD, the PyTorch CPU
 tuning guide's advice, also achieve), where freed memory is reused.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from engine.config import MaskConfig, ViewConfig  # noqa: E402
+from engine.distributed import keep_freed_memory  # noqa: E402
 from engine.masks import MaskSampler  # noqa: E402
 from engine.views import make_views  # noqa: E402
 
@@ -51,20 +52,10 @@ def time_per_batch(fn, iters: int, repeats: int):
     return min(runs), statistics.median(runs)
 
 
-def keep_freed_memory() -> bool:
-    """glibc: serve large tensors from the heap and do not give freed memory back (no page-fault churn)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 def run(quick: bool, out) -> dict:
     torch.set_num_threads(1)
     rows = table(quick, "default")
-    if keep_freed_memory():
+    if keep_freed_memory(environ={}):  # glibc's defaults were timed first
         rows += table(quick, "mallopt")
     result = dict(benchmark="data_pipeline", threads=1, clock="process_time", quick=quick, torch=torch.__version__,
                   cpu=platform.processor() or platform.machine(), rows=rows)

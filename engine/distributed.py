@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import socket
 from dataclasses import dataclass
@@ -46,11 +47,35 @@ def setup_distributed() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        keep_freed_memory()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         if backend == "gloo":  # this rank's shared-memory all-reduce buffer goes with the process
             atexit.register(remove_shm_buffers, os.environ["MASTER_PORT"], rank=local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory(environ=None, libc_name: str = "libc.so.6") -> bool:
+    """CPU ranks: tell glibc to serve tensors up to 32 MiB from the heap and to keep freed memory
+    (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB), the PyTorch CPU tuning guide's advice. glibc's
+    defaults hand a step's freed temporaries back to the OS and page-fault them in again on the next step
+    (about a third of the views' time at 64 px: ``benchmarks/data_pipeline.py``). Skipped, returning False,
+    when ``IWM_MALLOC=default`` or the user set glibc's own ``MALLOC_*_THRESHOLD_`` variables (theirs win),
+    or where the C library is not glibc. The cost: the process's RSS stays at its high-water mark."""
+    env = os.environ if environ is None else environ
+    if env.get("IWM_MALLOC", "keep") == "default" or any(k in env for k in MALLOC_ENV):
+        return False
+    if env.get("IWM_MALLOC", "keep") != "keep":
+        raise ValueError(f"IWM_MALLOC={env['IWM_MALLOC']!r}: use keep (the default on CPU) or default")
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def remove_shm_buffers(port, shm: str = "/dev/shm", rank: Optional[int] = None) -> List[str]:
