@@ -25,14 +25,17 @@ from engine.views import mrr_views
 # ----------------------------------------------------------------------------------------------------
 # MRR (docs/method.md, "MRR")
 # ----------------------------------------------------------------------------------------------------
+def mid_rank(dist: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """dist [..., K] distances to the candidates, true [..., 1] the true candidate's (one of them) ->
+    rank [...] = 1 + (candidates strictly closer) + half of (other candidates at the same distance): ties
+    get the mid-rank, so a candidate that merely equals the truth earns no credit."""
+    return 1 + (dist < true).sum(-1) + 0.5 * ((dist == true).sum(-1) - 1)
+
+
 def reciprocal_ranks(dist: torch.Tensor) -> torch.Tensor:
     """dist [K, K]: distance of prediction j to candidate k; the true candidate of j is k = j.
-    Returns 1/rank [K] with rank = 1 + (candidates strictly closer) + half of (other candidates at the
-    same distance): ties get the mid-rank, so a candidate that merely equals the truth earns no credit."""
-    true = dist.diagonal()[:, None]
-    ties = (dist == true).sum(1) - 1
-    rank = 1 + (dist < true).sum(1) + 0.5 * ties
-    return 1.0 / rank.double()
+    Returns 1/rank [K] (:func:`mid_rank`)."""
+    return 1.0 / mid_rank(dist, dist.diagonal()[:, None]).double()
 
 
 def latent_reciprocal_ranks(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import IWMConfig, ViewConfig
+from engine.eval import mid_rank
 from engine.finetune import all_patches_masks
 from engine.loss import target_tokens
 from engine.models import Encoder, Predictor
@@ -50,12 +51,11 @@ class Ranking(NamedTuple):
 
     def rank_of(self, k: int) -> float:
         """1-based rank of candidate k (one query): 1 + the candidates strictly closer + half of the others
-        at the same distance (the MRR's mid-rank rule, ``engine.eval.reciprocal_ranks``)."""
+        at the same distance (the MRR's mid-rank rule, ``engine.eval.mid_rank``)."""
         d = self.distance
         if d.dim() != 1:
             raise ValueError(f"rank_of needs one query's ranking, got distances {tuple(d.shape)}")
-        ties = int((d == d[k]).sum()) - 1
-        return 1.0 + int((d < d[k]).sum()) + 0.5 * ties
+        return float(mid_rank(d, d[k:k + 1]))
 
 
 def rank_latents(latent: torch.Tensor, candidates: torch.Tensor) -> Ranking:
