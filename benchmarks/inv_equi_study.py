@@ -40,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from engine.checkpoint import atomic_write_json  # noqa: E402
 from engine.config import IWMConfig, ViewConfig  # noqa: E402
 
 MODELS = ("inv", "equi")
@@ -237,9 +238,9 @@ def run_model(model: str, root: str, quick: bool, fresh: bool) -> None:
         r.update(seconds=round(time.time() - t), cpu_seconds=round(cpu_seconds() - cpu),
                  settings=settings(stage, quick))
         done.setdefault("results", {})[stage] = r
-        ckpt_lib.atomic_write_json(book, done)
+        atomic_write_json(book, done)
         print(f"{stage}: {r['value']:.4g} in {r['seconds']} s ({r['cpu_seconds']} s CPU)", flush=True)
-    ckpt_lib.atomic_write_json(book, done)
+    atomic_write_json(book, done)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,9 +430,7 @@ def main(argv=None) -> int:
                "threads_per_job": child_env(max(1, (os.cpu_count() or 1) // args.jobs))["OMP_NUM_THREADS"],
                "quick": args.quick, "root": os.path.relpath(args.root, ROOT), "models": rows,
                "claims": [{"claim": c, "verdict": v} for c, v in checks], "png": os.path.relpath(png, ROOT)}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(payload, f, indent=2)
+    atomic_write_json(out, payload)
     print(f"\n$ {command}   (this invocation: {seconds / 60:.1f} min wall, {cpu / 60:.1f} min CPU; the study's stages, summed: "
           f"{stage_wall / 60:.1f} min wall, {stage_cpu / 60:.1f} min CPU = about {stage_cpu / 120:.1f} min on "
           f"2 free cores)\n")

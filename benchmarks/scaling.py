@@ -74,7 +74,8 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from engine.distributed import remove_shm_buffers  # noqa: E402
+from engine.checkpoint import atomic_write_json  # noqa: E402
+from engine.distributed import free_port, remove_shm_buffers  # noqa: E402
 
 # short name -> (encoder, predictor depth, width, heads); the predictors of the issue's peer comparison (Ti, S)
 # and I-JEPA's 12 x 384 for the large encoders
@@ -263,7 +264,6 @@ def current_rss() -> int:
 
 def measured_run(cfg, info, rss_start: int):
     """``engine.run.Run`` whose last step measures memory instead of evaluating and writing a checkpoint."""
-    from engine.checkpoint import atomic_write_json
     from engine.distributed import barrier
     from engine.run import Run
 
@@ -319,12 +319,6 @@ def child_main(argv: List[str]) -> int:
 
 
 # ---- the sweep --------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_point(point: Point, opts, work: str) -> dict:
     """Launch one point and read back its figures (raises RuntimeError with the launcher's tail on failure)."""
     run_dir = os.path.join(work, point.name)
@@ -507,8 +501,7 @@ def report(args, rows: List[dict], failed: List[dict], load_before, wall_s: floa
                                 steps=args.steps, warmup=args.warmup, workers=args.workers, quick=args.quick),
                   load_average_before=list(load_before), load_average_after=list(os.getloadavg()),
                   wall_s=wall_s, points=rows, failed=failed, plot=png and os.path.relpath(png, ROOT))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}" + (f" and {png}" if png else "") + f" ({wall_s:.0f} s)")
     return 1 if any(not f["retried"] for f in failed) else 0
 

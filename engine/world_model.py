@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import IWMConfig, ViewConfig
-from engine.eval import mid_rank
+from engine.eval import chance_mrr, load_model, mid_rank
 from engine.finetune import all_patches_masks
 from engine.loss import target_tokens
 from engine.models import Encoder, Predictor
@@ -91,8 +91,6 @@ class WorldModel:
     def load(cls, path: str, device="cpu") -> "WorldModel":
         """From a checkpoint.pt or a run directory (``engine.eval.load_model``; a bad file raises
         ``CheckpointError``)."""
-        from engine.eval import load_model
-
         cfg, model, target, ckpt = load_model(path, torch.device(device))
         return cls(cfg, model.encoder, model.predictor, target, ckpt.get("step"))
 
@@ -264,8 +262,6 @@ class Demo:
         return Ranking(self.ranking.order[row], self.ranking.distance[row]).rank_of(row)
 
     def summary(self, cfg: ViewConfig) -> Dict:
-        from engine.eval import chance_mrr
-
         C = len(self.labels)
         actions = {}  # (v + 0.0: no -0.0 in the JSON)
         for r, ex in enumerate(self.examples):
