@@ -50,9 +50,23 @@ KIND = "finetune"  # checkpoint.pt of a finetuning run carries kind='finetune'; 
 # ----------------------------------------------------------------------------------------------------
 # Heads
 # ----------------------------------------------------------------------------------------------------
+# V-JEPA's attentive head draws its weights from N(0, 0.02^2): a per-layer gain of 0.02 * sqrt(fan_in), 0.39 at
+# width 384 (the narrowest network of the paper, its ViT-B predictor) but 0.14 at 48. There the output starts about
+# 100x smaller, every gradient passes through several such layers, and a head on a tiny network sits on the
+# ln(classes) loss plateau for hundreds of steps; when it leaves depends more on luck than on the features
+# (docs/finetune.md, "The head's initialisation"). Layers narrower than 384 get the gain of a 384-wide one.
+HEAD_INIT_STD, HEAD_INIT_WIDTH = 0.02, 384
+
+
+def head_init_std(fan_in: int) -> float:
+    """The std of a head weight with `fan_in` inputs: 0.02 from 384 inputs up, 0.02 * sqrt(384 / fan_in) below."""
+    return HEAD_INIT_STD * math.sqrt(max(1.0, HEAD_INIT_WIDTH / fan_in))
+
+
 class AttentiveHead(nn.Module):
     """V-JEPA's attentive classifier: one learned query, one cross-attention block (the query attends to
-    the layer-normed tokens; residual; MLP with residual), then a linear layer. tokens [B, N, D] -> [B, C]."""
+    the layer-normed tokens; residual; MLP with residual), then a linear layer. tokens [B, N, D] -> [B, C].
+    Weights: V-JEPA's N(0, 0.02^2) at widths from 384 up, the same per-layer gain below (`head_init_std`)."""
 
     def __init__(self, dim: int, heads: int, classes: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -69,10 +83,10 @@ class AttentiveHead(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.linear = nn.Linear(dim, classes)
-        nn.init.trunc_normal_(self.query, std=0.02)
+        nn.init.trunc_normal_(self.query, std=HEAD_INIT_STD)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=head_init_std(m.in_features))
                 nn.init.zeros_(m.bias)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,27 @@ def test_attentive_head_matches_a_plain_cross_attention():
         assert torch.allclose(got, torch.stack(want), atol=1e-5)
 
 
+def test_a_narrow_attentive_head_starts_like_a_384_wide_one():
+    """V-JEPA's N(0, 0.02^2) weights make a 48-wide head's first logits about 20x smaller than a 384-wide one's
+    (the ln(C) plateau of tiny probes); the engine keeps the 384-wide gain below 384 and V-JEPA's std above."""
+    from engine.finetune import AttentiveHead
+
+    def logit_spread(dim):
+        torch.manual_seed(0)
+        head = AttentiveHead(dim, 4, 10)
+        tokens = torch.randn(512, 16, dim)
+        with torch.no_grad():
+            return head(tokens).std().item()
+
+    ratio = logit_spread(48) / logit_spread(384)
+    assert 0.5 < ratio < 2.0, ratio
+    torch.manual_seed(0)
+    wide = AttentiveHead(768, 8, 10)
+    for layer in (wide.q, wide.kv, wide.proj, wide.mlp.fc1, wide.linear):
+        assert abs(layer.weight.std().item() - 0.02) < 0.001, layer  # V-JEPA's head at the paper's widths
+    assert abs(wide.mlp.fc2.weight.std().item() - 0.02) < 0.001
+
+
 def test_all_patches_mask_and_predictor_on_every_position():
     from engine.finetune import all_patches_masks, identity_action, predict_all
     from engine.models import Predictor

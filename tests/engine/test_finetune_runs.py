@@ -1,6 +1,6 @@
 """Finetuning runs end to end on the embedded data (one rank, in process): each protocol from a pretrained
-tiny IWM (against the same protocol from a randomly initialised one where that comparison holds at this scale,
-docs/finetune.md); resume; the eval commands and their errors (exit code 2, one line)."""
+tiny IWM (against the same protocol from a randomly initialised one where that comparison holds at this scale:
+the predictor protocols; docs/finetune.md); resume; the eval commands and their errors (exit code 2, one line)."""
 import json
 import os
 import shutil
@@ -68,8 +68,9 @@ def protocol_top1(source, out, protocol):
 def test_protocol_beats_a_random_encoder(sources, tmp_path, protocol):
     """The pretrained encoder + predictor against the same protocol from a randomly initialised encoder +
     predictor, by at least 5 pp. Measured with the fixture's pretraining at seeds 0 / 1 / 2 (the random network
-    drawn with the same seed; docs/finetune.md, "At test scale"), top-1 %: predictor (300 steps) 22.0 / 19.2 /
-    22.2 against 10.0 / 10.0 / 10.0; end_to_end (600 steps) 57.6 / 26.2 / 31.6 against 13.2 / 10.0 / 22.0."""
+    drawn with the same seed; docs/finetune.md, "At test scale"), top-1 %: predictor (300 steps) 21.4 / 20.0 /
+    21.4 against 10.0 / 10.0 / 10.0; end_to_end (600 steps) 52.0 / 28.0 / 14.8 against 25.8 / 19.2 / 14.4 (seed 2
+    would tie: end-to-end finetuning of these tiny networks often stays near the loss plateau)."""
     pretrained, random_init = sources
     top1 = {name: protocol_top1(src, tmp_path / name, protocol)
             for name, src in (("pretrained", pretrained), ("random", random_init))}
@@ -77,16 +78,14 @@ def test_protocol_beats_a_random_encoder(sources, tmp_path, protocol):
     assert top1["pretrained"] >= top1["random"] + 5.0, top1
 
 
-# What holds at this scale for the other protocols (docs/finetune.md, "At test scale"): each learns above chance
-# (10%) from the pretrained encoder, but a randomly initialised encoder does as well or better (300 steps,
-# pretraining seeds 0 / 1 / 2, top-1 %, pretrained vs random): encoder 45.0 / 38.2 / 40.0 vs 28.0 / 33.0 / 51.2
-# (600 steps: 64.0 / 42.0 / 64.0 vs 48.2 / 68.0 / 72.4); linear 13.8 / 14.0 / 13.2 vs 16.4 / 16.2 / 17.6;
-# attentive 48.0 / 48.2 / 49.4 vs 52.6 / 50.4 / 54.0. So these assert what holds: the floors sit under the
-# lowest pretrained run (the linear probe on pooled 32 px features barely leaves chance, random or pretrained).
-# Encoder finetuning at this scale is chaotic: seed 0 gave 45.0 with torch's loop AdamW, 27.8 with the fused one
-# (the same update to fp32 rounding) and 26.2 / 26.6 with the learning rate changed by one part in a million; 24.6
-# under `make test`'s two threads. Its floor is twice chance.
-LEARNS_AT_LEAST = {"encoder": 20.0, "linear": 12.0, "attentive": 35.0}
+# The other protocols read the encoder itself, and there a randomly initialised encoder is as good or better at every
+# CPU scale measured (docs/finetune.md, "At test scale": 150 to 3000 pretraining steps, 32 and 64 px, widths 48 and
+# 128, I-JEPA and sequence conditioning, more pretraining makes it worse). Measured here (300 steps, pretraining
+# seeds 0 / 1 / 2, top-1 %, pretrained vs random): encoder 60.2 / 61.0 / 61.2 vs 58.2 / 62.4 / 69.4; attentive
+# 54.8 / 57.8 / 55.8 vs 57.8 / 58.6 / 60.0; linear 13.8 / 14.0 / 13.2 vs 16.4 / 16.2 / 17.6. So these assert what
+# holds: each learns far above chance (10%) from the pretrained encoder; the floors sit under the lowest run with
+# room for `make test`'s two threads (the linear probe on pooled 32 px features barely leaves chance, random or not).
+LEARNS_AT_LEAST = {"encoder": 45.0, "linear": 12.0, "attentive": 45.0}
 
 
 @pytest.mark.slow
