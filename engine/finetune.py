@@ -51,8 +51,8 @@ KIND = "finetune"  # checkpoint.pt of a finetuning run carries kind='finetune'; 
 # Heads
 # ----------------------------------------------------------------------------------------------------
 # V-JEPA's attentive head draws its weights from N(0, 0.02^2): a per-layer gain of 0.02 * sqrt(fan_in), 0.39 at
-# width 384 (the narrowest network of the paper, its ViT-B predictor) but 0.14 at 48. There the output starts about
-# 100x smaller, every gradient passes through several such layers, and a head on a tiny network sits on the
+# width 384 (the narrowest network of the paper, its ViT-B predictor) but 0.14 at 48. There the first logits are
+# about 16x smaller, every gradient passes through several such layers, and a head on a tiny network sits on the
 # ln(classes) loss plateau for hundreds of steps; when it leaves depends more on luck than on the features
 # (docs/finetune.md, "The head's initialisation"). Layers narrower than 384 get the gain of a 384-wide one.
 HEAD_INIT_STD, HEAD_INIT_WIDTH = 0.02, 384

@@ -95,7 +95,7 @@ def test_attentive_head_matches_a_plain_cross_attention():
 
 
 def test_a_narrow_attentive_head_starts_like_a_384_wide_one():
-    """V-JEPA's N(0, 0.02^2) weights make a 48-wide head's first logits about 20x smaller than a 384-wide one's
+    """V-JEPA's N(0, 0.02^2) weights make a 48-wide head's first logits about 16x smaller than a 384-wide one's
     (the ln(C) plateau of tiny probes); the engine keeps the 384-wide gain below 384 and V-JEPA's std above."""
     from engine.finetune import AttentiveHead
 
