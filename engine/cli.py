@@ -211,11 +211,12 @@ def run_mrr(args) -> dict:
 
 
 def _per_op(model, target, images, cfg, args) -> dict:
-    from engine.eval import equivariance_per_op
+    from engine.eval import PER_OP_CANDIDATES, equivariance_per_op
 
     gen = torch.Generator(device=images.device).manual_seed(args.seed)
     per_op = equivariance_per_op(model, target, images[:args.per_op], cfg, generator=gen)
-    print(f"per operation ({min(args.per_op, len(images))} images x 64 candidates varying in that op only):")
+    print(f"per operation ({min(args.per_op, len(images))} images x {PER_OP_CANDIDATES} candidates varying in that "
+          f"op only):")
     for op, r in per_op.items():
         print(f"  {op:10s}  MRR {r['mrr']:.3f} (chance {r['chance']:.3f})  R^2 {r['r2']:+.3f}  "
               f"target spread {r['target_spread']:.1f}")

@@ -113,10 +113,12 @@ def explained_variation(preds: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+PER_OP_CANDIDATES = 64  # candidates per image in `equivariance_per_op` (and `engine.eval mrr --per-op`)
 
 
 @torch.no_grad()
-def equivariance_per_op(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig, candidates: int = 64,
+def equivariance_per_op(model: IWM, target_encoder, images: torch.Tensor, cfg: IWMConfig,
+                        candidates: int = PER_OP_CANDIDATES,
                         generator: Optional[torch.Generator] = None) -> dict:
     """Which transformations the world model has learned: the MRR protocol with the candidates varying in one
     jitter op at a time (its configured strength, the other three at 0, no destructive op), then all together.

@@ -423,9 +423,16 @@ def mrr_views(image: torch.Tensor, cfg: ViewConfig, candidates: int, generator: 
     source_params = sample_source_params(cfg, 1, generator, device)
     z = apply_jitter(apply_jitter(image, target_params), source_params)
     source_view = apply_destructive(z, source_params, cfg)
-    jk = sample_target_params(replace(cfg, jitter_p=1.0), candidates, generator, device)
+    jk, target_views = inverse_jitter_views(z, cfg, candidates, generator)
     d = source_params.repeat_interleave(candidates)
     cand = replace(jk, blur_applied=d.blur_applied, blur_sigma=d.blur_sigma, grayscale=d.grayscale,
                    solarize=d.solarize)
-    target_views = apply_jitter(z.expand(candidates, -1, -1, -1), inverse_jitter(jk))
     return source_view, target_views, action_from_params(cand, cfg)
+
+
+def inverse_jitter_views(image: torch.Tensor, cfg: ViewConfig, count: int,
+                         generator: Optional[torch.Generator] = None) -> Tuple[ViewParams, torch.Tensor]:
+    """``count`` colour jitters J_k drawn from ``cfg`` (always applied: jitter_p = 1) and the views
+    J_k^{-1}(image) of one image [1, 3, H, W]: the MRR's candidates. -> (J_k, views [count, 3, H, W])."""
+    jk = sample_target_params(replace(cfg, jitter_p=1.0), count, generator, image.device)
+    return jk, apply_jitter(image.expand(count, -1, -1, -1), inverse_jitter(jk))

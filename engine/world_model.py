@@ -36,7 +36,7 @@ from engine.finetune import all_patches_masks
 from engine.loss import target_tokens
 from engine.models import Encoder, Predictor
 from engine.views import (ViewParams, action_from_params, apply_destructive, apply_jitter, inverse_jitter,
-                          sample_target_params)
+                          inverse_jitter_views)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,10 +222,7 @@ def named_actions(image: torch.Tensor, cfg: ViewConfig, names: Sequence[str] = D
 def random_targets(image: torch.Tensor, cfg: ViewConfig, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` random targets of one image [3, H, W]: J_k^{-1}(I) for jitters J_k drawn from the config
     (always applied), as the MRR's candidates are (``engine.views.mrr_views``). -> [count, 3, H, W]."""
-    from dataclasses import replace
-
-    jk = sample_target_params(replace(cfg, jitter_p=1.0), count, generator)
-    return apply_jitter(image[None].float().expand(count, -1, -1, -1), inverse_jitter(jk))
+    return inverse_jitter_views(image[None].float(), cfg, count, generator)[1]
 
 
 # ----------------------------------------------------------------------------------------------------

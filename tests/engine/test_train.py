@@ -102,11 +102,16 @@ def run_eval(*args):
 @pytest.mark.slow
 def test_eval_cli_on_the_checkpoint(trained_run, tmp_path):
     out, _ = trained_run
-    p = run_eval("mrr", "--ckpt", str(out), "--images", "2", "--candidates", "8", "--out", str(tmp_path / "m.json"))
+    p = run_eval("mrr", "--ckpt", str(out), "--images", "2", "--candidates", "8", "--per-op", "2",
+                 "--out", str(tmp_path / "m.json"))
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "m.json").read_text())
     assert 0 < res["mrr"] <= 1 and res["candidates"] == 8 and res["images"] == 2
     assert "MRR" in p.stdout
+    from engine.eval import JITTER_OPS, PER_OP_CANDIDATES, chance_mrr
+    assert list(res["per_op"]) == list(JITTER_OPS) + ["all"]
+    assert all(abs(r["chance"] - chance_mrr(PER_OP_CANDIDATES)) < 1e-9 for r in res["per_op"].values())
+    assert f"2 images x {PER_OP_CANDIDATES} candidates" in p.stdout
     p = run_eval("linear", "--ckpt", str(out / "checkpoint.pt"), "--epochs", "20", "--out", str(tmp_path / "l.json"))
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "l.json").read_text())
