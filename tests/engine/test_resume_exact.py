@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from engine.distributed import remove_shm_buffers
 from tests.engine.test_train import ROOT, TINY, subprocess_env
 
 STEPS = 12
@@ -72,6 +73,7 @@ def test_kill_and_rerun_is_bit_exact(tmp_path, ranks, trials):
         time.sleep(rng.random() * 0.3)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        remove_shm_buffers(port + 1 + trial)  # killed ranks cannot remove their DeepSpeed /dev/shm buffers (66 MB each)
         run_to_end(out, ranks, port + 5 + trial)
         got = losses(out)
         assert got == ref_losses, f"trial {trial}, killed after step {kill_after}: losses differ"
@@ -79,3 +81,7 @@ def test_kill_and_rerun_is_bit_exact(tmp_path, ranks, trials):
         assert w.keys() == ref_weights.keys()
         for k in w:
             assert torch.equal(w[k], ref_weights[k]), (trial, k)
+    ports = {str(port + d) for d in range(8)}  # no launch of this test leaves shared memory behind
+    left = [n for n in (os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else [])
+            if n.startswith("deepspeed_allreduce_buffer_") and n.rsplit("_", 2)[-2] in ports]
+    assert not left, left
