@@ -13,6 +13,7 @@ import torch
 
 from engine.distributed import remove_shm_buffers
 from tests.engine.test_train import ROOT, TINY, subprocess_env
+from tests.test_recipe_smoke import shm_buffers
 
 STEPS = 12
 
@@ -81,7 +82,5 @@ def test_kill_and_rerun_is_bit_exact(tmp_path, ranks, trials):
         assert w.keys() == ref_weights.keys()
         for k in w:
             assert torch.equal(w[k], ref_weights[k]), (trial, k)
-    ports = {str(port + d) for d in range(8)}  # no launch of this test leaves shared memory behind
-    left = [n for n in (os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else [])
-            if n.startswith("deepspeed_allreduce_buffer_") and n.rsplit("_", 2)[-2] in ports]
+    left = [n for d in range(8) for n in shm_buffers(port + d)]  # no launch of this test leaves shared memory behind
     assert not left, left
