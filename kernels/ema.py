@@ -186,22 +186,22 @@ def _launch_table(t_flat: Tensor, online: Sequence[Tensor], momentum: float) -> 
 
 
 def aot_launches(shapes) -> list:
-    """Both launches for an encoder of ``shapes.encoder_params`` parameters (:class:`kernels.aot.Shapes`),
+    """Both launches for an encoder of ``shapes.encoder_params`` parameters (:class:`kernels.specs.Shapes`),
     per online dtype: flat online (a ZeRO-3 partition) and a list of online tensors (pointer table)."""
-    from kernels import aot
+    from kernels import specs
 
     n = shapes.encoder_params
     tiles = dispatch.TILE_POLICIES["ema_update"]["cuda"].tiles(n)
     f32, i64 = torch.float32, torch.int64
     out = []
     for dt in ONLINE_DTYPES:
-        _, args, meta = _flat_launch(aot.mock(f32, n), aot.mock(dt, n), 0.996, tiles)
-        out.append(aot.Launch(_ema_flat_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+        _, args, meta = _flat_launch(specs.mock(f32, n), specs.mock(dt, n), 0.996, tiles)
+        out.append(specs.Launch(_ema_flat_kernel, args, meta, dtype=specs.dtype_name(dt), tiles=tiles,
                               variant="flat online"))
         k, blocks = shapes.encoder_tensors, triton.cdiv(n, tiles.block_d) + shapes.encoder_tensors
-        _, args, meta = _table_launch(aot.mock(f32, n), aot.mock(i64, k), aot.mock(torch.int32, blocks),
-                                      aot.mock(i64, blocks), aot.mock(i64, k), aot.mock(i64, k), 0.996, dt, tiles)
-        out.append(aot.Launch(_ema_table_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+        _, args, meta = _table_launch(specs.mock(f32, n), specs.mock(i64, k), specs.mock(torch.int32, blocks),
+                                      specs.mock(i64, blocks), specs.mock(i64, k), specs.mock(i64, k), 0.996, dt, tiles)
+        out.append(specs.Launch(_ema_table_kernel, args, meta, dtype=specs.dtype_name(dt), tiles=tiles,
                               variant="online list"))
     return out
 

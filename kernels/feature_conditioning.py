@@ -190,27 +190,27 @@ def _fc1_gelu_bwd(P: Tensor, target_pos: Tensor, action: Tensor, token_batch: Te
 
 
 def aot_launches(shapes) -> list:
-    """The launches a training step makes at ``shapes`` (:class:`kernels.aot.Shapes`): fc1 forward and
+    """The launches a training step makes at ``shapes`` (:class:`kernels.specs.Shapes`): fc1 forward and
     backward at the predictor width (backward: the weights' gradients, the action being data; and every
     gradient, action included), with ``P``, g_a1 and a1 in each activation dtype; action, w1 (fp32
     parameters under autocast) and the gradients fp32."""
-    from kernels import aot
+    from kernels import specs
 
     T, N, H, A, B = (shapes.target_tokens, shapes.patches, shapes.pred_width, shapes.action_dim,
                      shapes.batch)
     tiles = dispatch.TILE_POLICIES["feature_conditioning"]["cuda"].tiles(H)
     f32, i64 = torch.float32, torch.int64
     out = []
-    for dt in aot.ACTIVATION_DTYPES:
-        P, pos, bat, act = aot.mock(dt, N, H), aot.mock(i64, T), aot.mock(i64, T), aot.mock(f32, B, A)
-        wa = aot.mock(f32, H, H + A)  # w1[:, D:] has w1's row stride D + A (D = H in the predictor)
-        _, args, meta = _fwd_launch(P, pos, act, bat, wa, aot.mock(dt, T, H), tiles)
-        out.append(aot.Launch(_fc1_gelu_fwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles))
+    for dt in specs.ACTIVATION_DTYPES:
+        P, pos, bat, act = specs.mock(dt, N, H), specs.mock(i64, T), specs.mock(i64, T), specs.mock(f32, B, A)
+        wa = specs.mock(f32, H, H + A)  # w1[:, D:] has w1's row stride D + A (D = H in the predictor)
+        _, args, meta = _fwd_launch(P, pos, act, bat, wa, specs.mock(dt, T, H), tiles)
+        out.append(specs.Launch(_fc1_gelu_fwd_kernel, args, meta, dtype=specs.dtype_name(dt), tiles=tiles))
         for variant, need in (("weight grads", (True, True, True, False)), ("all grads", (True, True, True, True))):
-            grads = [aot.mock(f32, *shape) if n else None
+            grads = [specs.mock(f32, *shape) if n else None
                      for n, shape in zip(need, ((N, H), (H,), (H, A), (T, A)))]
-            _, args, meta = _bwd_launch(P, pos, act, bat, wa, aot.mock(dt, T, H), aot.mock(dt, T, H), *grads, tiles)
-            out.append(aot.Launch(_fc1_gelu_bwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+            _, args, meta = _bwd_launch(P, pos, act, bat, wa, specs.mock(dt, T, H), specs.mock(dt, T, H), *grads, tiles)
+            out.append(specs.Launch(_fc1_gelu_bwd_kernel, args, meta, dtype=specs.dtype_name(dt), tiles=tiles,
                                   variant=variant))
     return out
 

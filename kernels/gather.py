@@ -105,19 +105,19 @@ def _gather_bwd(grad_out: Tensor, flat_idx: Tensor, rows: int, dtype: torch.dtyp
 
 
 def aot_launches(shapes) -> list:
-    """The launches a training step makes at ``shapes`` (:class:`kernels.aot.Shapes`): the context
+    """The launches a training step makes at ``shapes`` (:class:`kernels.specs.Shapes`): the context
     gather at the encoder width in each activation dtype, and the fp32 scatter-add backward."""
-    from kernels import aot
+    from kernels import specs
 
     T, D, rows = shapes.context_tokens, shapes.enc_width, shapes.batch * shapes.patches
     tiles = dispatch.TILE_POLICIES["gather_tokens"]["cuda"].tiles(D)
     out = []
-    for dt in aot.ACTIVATION_DTYPES:
-        _, args, meta = _launch(aot.mock(dt, rows, D), aot.mock(torch.int64, T), aot.mock(dt, T, D), tiles)
-        out.append(aot.Launch(_gather_fwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles))
-    _, args, meta = _launch(aot.mock(torch.float32, T, D), aot.mock(torch.int64, T),
-                            aot.mock(torch.float32, rows, D), tiles)
-    out.append(aot.Launch(_gather_bwd_kernel, args, meta, dtype="fp32", tiles=tiles))
+    for dt in specs.ACTIVATION_DTYPES:
+        _, args, meta = _launch(specs.mock(dt, rows, D), specs.mock(torch.int64, T), specs.mock(dt, T, D), tiles)
+        out.append(specs.Launch(_gather_fwd_kernel, args, meta, dtype=specs.dtype_name(dt), tiles=tiles))
+    _, args, meta = _launch(specs.mock(torch.float32, T, D), specs.mock(torch.int64, T),
+                            specs.mock(torch.float32, rows, D), tiles)
+    out.append(specs.Launch(_gather_bwd_kernel, args, meta, dtype="fp32", tiles=tiles))
     return out
 
 

@@ -104,19 +104,19 @@ def _masked_l2_fwd(pred: Tensor, target2d: Tensor, flat_idx: Tensor, eps: float,
 
 
 def aot_launches(shapes) -> list:
-    """The launches a training step makes at ``shapes`` (a :class:`kernels.aot.Shapes`), one per
+    """The launches a training step makes at ``shapes`` (a :class:`kernels.specs.Shapes`), one per
     activation dtype and with / without the gradient, for :mod:`kernels.aot`."""
-    from kernels import aot
+    from kernels import specs
 
     T, D, rows = shapes.target_tokens, shapes.enc_width, shapes.batch * shapes.patches
     tiles = dispatch.TILE_POLICIES["masked_l2_loss"]["cuda"].tiles(D)
     out = []
-    for dt in aot.ACTIVATION_DTYPES:
+    for dt in specs.ACTIVATION_DTYPES:
         for write_grad in (True, False):
-            grad = aot.mock(dt, T, D) if write_grad else None
-            args, meta = _fwd_launch(aot.mock(dt, T, D), aot.mock(dt, rows, D), aot.mock(torch.int64, T), grad,
-                                     aot.mock(torch.float32, T), 1e-6, tiles)
-            out.append(aot.Launch(_masked_l2_fwd_kernel, args, meta, dtype=aot.dtype_name(dt), tiles=tiles,
+            grad = specs.mock(dt, T, D) if write_grad else None
+            args, meta = _fwd_launch(specs.mock(dt, T, D), specs.mock(dt, rows, D), specs.mock(torch.int64, T), grad,
+                                     specs.mock(torch.float32, T), 1e-6, tiles)
+            out.append(specs.Launch(_masked_l2_fwd_kernel, args, meta, dtype=specs.dtype_name(dt), tiles=tiles,
                                   variant="loss+grad" if write_grad else "loss"))
     return out
 
