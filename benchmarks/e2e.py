@@ -5,7 +5,7 @@
                              [--out benchmarks/results/e2e.json]
     python benchmarks/e2e.py --profile [--models ti]   # torch.profiler of our step: top ops and phases
 
-**Ours** is the step ``engine.train.train()`` runs: :meth:`engine.run.Run.optimizer_step` on the
+**Ours** is the step ``engine.pretrain.pretrain()`` runs: :meth:`engine.run.Run.optimizer_step` on the
 Pretraining task (views + action, masks, EMA target encoder, encoder + feature-conditioned predictor,
 loss, DeepSpeed ZeRO-1 backward and AdamW update, EMA update), with the engine built by
 :meth:`engine.run.Run.build_engine`; the config is ``recipes/pretrain_tiny.py``'s with the model and
@@ -180,7 +180,7 @@ def our_config(model: str, img: int, batch: int, overrides, out_dir: str):
 
 
 def our_engine(args, images: torch.Tensor, out_dir: str):
-    """(config, Run, Pretraining task, DeepSpeed engine): what ``train()`` builds, for our side's step."""
+    """(config, Run, Pretraining task, DeepSpeed engine): what ``pretrain()`` builds, for our side's step."""
     from engine.pretrain import Pretraining
     from engine.run import Run, start_process
     from kernels import dispatch

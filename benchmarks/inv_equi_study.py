@@ -94,7 +94,7 @@ def total_steps(cfg: IWMConfig) -> int:
 def pretrained(cfg: IWMConfig, fresh: bool):
     """Pretrain (or resume, or reuse a complete run); returns (checkpoint.pt, seconds spent or None if reused)."""
     from engine import checkpoint as ckpt_lib
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     path = os.path.join(cfg.train.out_dir, "checkpoint.pt")
     if not fresh and os.path.isfile(path) and ckpt_lib.load_weights(path).get("step") == total_steps(cfg):
@@ -102,7 +102,7 @@ def pretrained(cfg: IWMConfig, fresh: bool):
         return path, None
     cfg.train.resume = not fresh
     started = time.time()
-    result = train(cfg)
+    result = pretrain(cfg)
     print(f"pretraining: {result.step} steps in {time.time() - started:.0f} s, final loss {result.final_loss:.4f}",
           flush=True)
     return path, round(time.time() - started)

@@ -6,7 +6,7 @@
     python benchmarks/scaling.py --nodes 1 2 --ranks 8 --hostfile hosts --master-addr node1  # across nodes
 
 Every point is one run of ``deepspeed --num_gpus R [--hostfile H --num_nodes K] benchmarks/scaling.py
---child ...``: each rank runs what ``engine.train.train`` runs (``engine.run.Run`` fitting
+--child ...``: each rank runs what ``engine.pretrain.pretrain`` runs (``engine.run.Run`` fitting
 ``engine.pretrain.Pretraining``: the loader, views, masks, DeepSpeed engine, EMA, logs), with the MRR
 evaluation and the checkpoint of the last step replaced by a measurement, so a point writes nothing but its
 logs. Settings: the config defaults (views, masks, ``feature`` conditioning, AdamW), the embedded data set,

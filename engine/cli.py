@@ -9,6 +9,10 @@ that turns bad input into one line and exit code 2.
     python -m engine.eval finetune  --ckpt FINETUNE_RUN [--data TRAIN_DIR --val VAL_DIR]
     python -m engine.eval report    RUN [RUN ...]
     python -m engine.eval imagine   --ckpt RUN --image FILE [--out PNG] [--candidates K] [--top T] [--seed S]
+    python -m engine.plan RECIPE --gpus N [--gpu-mem GIB] [--gpu h100|a100] [--json PATH]
+
+The commands' modules run them from a package ``__main__`` (``engine/eval/__main__.py``,
+``engine/plan/__main__.py``): nothing imported by this file imports it back (tests/test_import_cycles.py).
 """
 from __future__ import annotations
 
@@ -126,9 +130,9 @@ def run_recipe(build: Callable[[], IWMConfig], description: str, argv: Optional[
                after: Optional[Callable] = None) -> int:
     """Build the recipe's config, apply command-line overrides, pretrain, print where everything is."""
     from engine.eval import chance_mrr
-    from engine.train import train
+    from engine.pretrain import pretrain
 
-    code, cfg, result = _run_recipe(build, description, argv, train)
+    code, cfg, result = _run_recipe(build, description, argv, pretrain)
     if code or cfg is None:
         return code
     print(f"\nfinal loss {result.final_loss:.4f} (first logged {result.first_loss:.4f}) after {result.step} steps")
@@ -362,63 +366,76 @@ def _png(text: str) -> str:
     return text
 
 
+def _parent(*adders: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """A parent parser (``parents=[...]``) holding the arguments the ``adders`` add."""
+    parent = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(parent)
+    return parent
+
+
+def _ckpt_args(p, what: str = "checkpoint.pt or a run directory") -> None:
+    p.add_argument("--ckpt", required=True, help=what)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _train_val_args(p) -> None:
+    p.add_argument("--data", default=None, help="train folder with class subfolders; default: embedded")
+    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
+
+
+def _loader_args(p) -> None:
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--workers", type=int, default=0)
+
+
+def _out_arg(p, default_name: str) -> None:
+    p.add_argument("--out", default=None, help=f"JSON path (default: {default_name} beside the checkpoint)")
+
+
 def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = sub.add_parser("mrr", help="world-model mean reciprocal rank")
-    p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
+    ckpt, train_val, loader = _parent(_ckpt_args), _parent(_train_val_args), _parent(_loader_args)
+    p = sub.add_parser("mrr", parents=[ckpt], help="world-model mean reciprocal rank")
     p.add_argument("--data", default=None, help="image folder (class subfolders or flat); default: embedded")
     p.add_argument("--images", type=_positive, default=256, help="images to average over (at most the folder's)")
     p.add_argument("--candidates", type=_positive, default=None, help="candidates per image (default: config, 256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default: mrr.json beside the checkpoint)")
+    _out_arg(p, "mrr.json")
     p.add_argument("--per-op", type=_positive, default=None, metavar="IMAGES",
                    help="also profile each jitter op alone on this many images: MRR and R^2 (which "
                         "transformations the predictor has learned)")
-    p.add_argument("--device", default=device)
     p.set_defaults(fn=run_mrr)
-    p = sub.add_parser("linear", help="linear probe on frozen, average-pooled target-encoder features")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", default=None, help="train folder with class subfolders; default: embedded")
-    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
+    p = sub.add_parser("linear", parents=[ckpt, train_val, loader],
+                       help="linear probe on frozen, average-pooled target-encoder features")
     p.add_argument("--epochs", type=_positive, default=None)
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default: linear.json beside the checkpoint)")
-    p.add_argument("--device", default=device)
+    _out_arg(p, "linear.json")
     p.add_argument("--protocol", choices=("quick", "paper"), default="quick",
                    help="quick: full-batch softmax regression on extracted features (a diagnostic); paper: a probe "
                         "run (augmented crops, batch norm + linear, AdamW cosine) on the run core")
     _probe_args(p)
     p.set_defaults(fn=run_linear_any)
-    p = sub.add_parser("attentive", help="attentive probe (one query, one cross-attention block, linear) on the "
-                                         "frozen encoder, trained as a run")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", default=None, help="train folder with class subfolders; default: embedded")
-    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
+    p = sub.add_parser("attentive", parents=[ckpt, train_val, loader],
+                       help="attentive probe (one query, one cross-attention block, linear) on the frozen encoder, "
+                            "trained as a run")
     p.add_argument("--epochs", type=_positive, default=None, help="probe epochs (default 20)")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--out", default=None, help="JSON path (default: attentive.json beside the checkpoint)")
+    _out_arg(p, "attentive.json")
     _probe_args(p)
     p.set_defaults(fn=run_probe)
-    p = sub.add_parser("finetune", help="top-1 / top-5 of a finetuned network on a val folder")
-    p.add_argument("--ckpt", required=True, help="a finetuning run's folder, checkpoint.pt or best.pt")
-    p.add_argument("--data", default=None, help="accepted for symmetry; only --val is read")
-    p.add_argument("--val", default=None, help="val folder with class subfolders; default: embedded")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default: finetune_eval.json beside the checkpoint)")
-    p.add_argument("--device", default=device)
+    p = sub.add_parser("finetune", parents=[_parent(lambda q: _ckpt_args(
+        q, "a finetuning run's folder, checkpoint.pt or best.pt")), train_val, loader],
+                       help="top-1 / top-5 of a finetuned network on a val folder (only --val is read)")
+    _out_arg(p, "finetune_eval.json")
     p.set_defaults(fn=run_finetuned)
     p = sub.add_parser("report", help="a markdown table of pretraining runs x protocols (top-1 %%) and MRR")
     p.add_argument("runs", nargs="+", help="pretraining and finetuning run directories")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.set_defaults(fn=run_report)
-    p = sub.add_parser("imagine", help="the world model as a tool: named actions (brighter, grayscale, ...) on one "
-                                       "image, each prediction ranked among real transformed images (PNG + JSON)")
-    p.add_argument("--ckpt", required=True, help="checkpoint.pt or a run directory")
+    p = sub.add_parser("imagine", parents=[ckpt],
+                       help="the world model as a tool: named actions (brighter, grayscale, ...) on one image, each "
+                            "prediction ranked among real transformed images (PNG + JSON)")
     p.add_argument("--image", required=True, help="an image file (resized and centre-cropped to the model's size), "
                                                   "or embedded:N for the N-th embedded val image")
     p.add_argument("--candidates", type=_positive, default=32,
@@ -427,7 +444,6 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random candidates")
     p.add_argument("--out", type=_png, default=None,
                    help="PNG path (default: imagine.png beside the checkpoint); the JSON goes beside it")
-    p.add_argument("--device", default=device)
     p.set_defaults(fn=run_imagine)
     return parser
 
@@ -445,3 +461,56 @@ def _probe_args(p) -> None:
 def eval_main(argv: Optional[List[str]] = None) -> int:
     args = eval_parser().parse_args(argv)
     return exit_code_of(lambda: args.fn(args))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The memory / time plan (engine/plan)
+# ----------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line naming the fix and exit code 2, like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    from engine import plan
+
+    p = OneLineParser(prog="python -m engine.plan", description=plan.__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="a recipe file, e.g. recipes/pretrain_vith.py")
+    p.add_argument("--gpus", type=int, required=True, help="data-parallel GPUs in total")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the GPU's 80)")
+    p.add_argument("--gpu", default="h100", help=f"one of {sorted(plan.GPUS)} (datasheet figures in docs/plan.md)")
+    p.add_argument("--gpus-per-node", type=int, default=plan.GPUS_PER_NODE)
+    p.add_argument("--mfu", type=float, default=plan.DEFAULT_MFU,
+                   help=f"assumed model FLOPs utilisation of the compute (default {plan.DEFAULT_MFU})")
+    p.add_argument("--precision", default="autocast",
+                   help="autocast (what the engine does on CUDA), ds_bf16 (DeepSpeed bf16 mode) or fp32")
+    p.add_argument("--overhead-gib", type=float, default=plan.CUDA_OVERHEAD_GIB,
+                   help=f"fixed CUDA context / allocator overhead per GPU (default {plan.CUDA_OVERHEAD_GIB})")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
+    return p
+
+
+def plan_main(argv: Optional[List[str]] = None) -> int:
+    from engine import plan
+
+    args = plan_parser().parse_args(argv)
+
+    def run():
+        if args.gpus < 1:
+            raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
+        cfg = plan.load_recipe(args.recipe, args.set)
+        gpu = args.gpu.lower()
+        mem = args.gpu_mem if args.gpu_mem is not None else (plan.GPUS[gpu].mem_gib if gpu in plan.GPUS else 80.0)
+        result = plan.plan(cfg, args.gpus, gpu, mem, args.mfu, args.precision, gpus_per_node=args.gpus_per_node,
+                           overhead_gib=args.overhead_gib)
+        print(plan.format_plan(result))
+        if args.json:
+            atomic_write_json(args.json, result)
+            print(f"wrote {args.json}")
+
+    return exit_code_of(run)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 
 class ConfigError(ValueError):
@@ -457,3 +459,26 @@ def _parse_value(key: str, raw: str, kind: str):
 _SECTIONS = {"data": DataConfig, "views": ViewConfig, "masks": MaskConfig, "model": ModelConfig,
              "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
              "finetune": FinetuneConfig}
+
+
+def load_recipe(path: str, overrides: Sequence[str] = ()) -> IWMConfig:
+    """Import a recipe file (``recipes/*.py``), call its ``config()`` and apply ``section.field=value``
+    overrides; not validated (the caller validates for what it does with the config). The one recipe loader:
+    ``engine.plan``, the benchmarks and the tests all read recipes through it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe file {path!r} not found: pass a path such as recipes/pretrain_vith.py")
+    name = "_recipe_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken recipe: say which file
+        raise ConfigError(f"recipe file {path!r} failed to import: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "config", None)):
+        raise ConfigError(f"recipe file {path!r} has no config() function returning an IWMConfig")
+    cfg = module.config()
+    if not isinstance(cfg, IWMConfig):
+        raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, expected engine.config.IWMConfig")
+    for assignment in overrides:
+        cfg.override(assignment)
+    return cfg

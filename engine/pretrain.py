@@ -1,4 +1,4 @@
-"""IWM pretraining: the step, and the task the run core (``engine/run.py``) trains.
+"""IWM pretraining: ``pretrain(cfg)``, the step, and the task the run core (``engine/run.py``) trains.
 
 Follow one batch from image to loss in :func:`pretrain_step`, top to bottom. Everything a pretraining run
 owns besides the loop (the networks, the EMA target encoder, the mask sampler, the random streams of the
@@ -15,12 +15,13 @@ import torch
 from engine import checkpoint as ckpt_lib
 from engine.config import IWMConfig
 from engine.data import build_dataset
-from engine.distributed import gathered
+from engine.distributed import DistInfo, gathered
 from engine.ema import TargetEncoder
 from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
 from engine.loss import iwm_loss
 from engine.masks import MaskBatch, MaskSampler
 from engine.models import IWM
+from engine.run import Run, RunResult, start_process
 from engine.schedules import ema_momentum_at
 from engine.views import make_views
 
@@ -123,3 +124,10 @@ class Pretraining:
             return ckpt_lib.weights_payload(config=self.cfg.to_dict(), step=step, encoder=module.encoder,
                                             predictor=module.predictor, target_encoder=self.target_encoder.module,
                                             metrics=metrics)
+
+
+def pretrain(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> RunResult:
+    """Pretrain an IWM as ``cfg`` says, in ``cfg.train.out_dir`` (resuming there when it holds a checkpoint)."""
+    cfg.validate()
+    info = start_process(dist_info)
+    return Run(cfg, info).fit(Pretraining(cfg, info.device, info.rank))

@@ -40,10 +40,10 @@ def refresh_manifest(tag_dir):
 
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory):
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    train(tiny_config(out, STEPS, ["train.ckpt_every=4", "train.log_every=1", "train.eval_every=0"]))
+    pretrain(tiny_config(out, STEPS, ["train.ckpt_every=4", "train.log_every=1", "train.eval_every=0"]))
     return out
 
 
@@ -54,9 +54,9 @@ def copy_run(done_run, tmp_path, name="run"):
 
 
 def resume(out, steps, extra=()):
-    from engine.train import train
+    from engine.pretrain import pretrain
 
-    return train(tiny_config(out, steps, ["train.ckpt_every=4", "train.log_every=1", "train.eval_every=0",
+    return pretrain(tiny_config(out, steps, ["train.ckpt_every=4", "train.log_every=1", "train.eval_every=0",
                                           *extra]))
 
 
@@ -91,7 +91,7 @@ def test_a_crafted_resume_file_is_refused_without_running(done_run, tmp_path, vi
 @pytest.mark.slow
 def test_fresh_start_with_bad_data_keeps_everything(done_run, tmp_path):
     from engine.data import DataError
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out = copy_run(done_run, tmp_path)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -99,7 +99,7 @@ def test_fresh_start_with_bad_data_keeps_everything(done_run, tmp_path):
     cfg.train.resume = False
     cfg.data.dataset = str(tmp_path / "typo")
     with pytest.raises(DataError, match="does not exist"):
-        train(cfg)
+        pretrain(cfg)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert {p: b for p, b in before.items() if p.name != ".lock"} == after
 
@@ -135,7 +135,7 @@ def test_a_truncated_newest_tag_falls_back_to_the_previous_one(done_run, tmp_pat
 
 # ---- 4. one run per folder -----------------------------------------------------------------------------
 def test_a_second_run_into_a_locked_folder_stops_naming_the_holder(tmp_path):
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -144,7 +144,7 @@ def test_a_second_run_into_a_locked_folder_stops_naming_the_holder(tmp_path):
         f.write("31337\n")
         f.flush()
         with pytest.raises(CheckpointError, match="in use by another run .PID 31337"):
-            train(tiny_config(out, 2))
+            pretrain(tiny_config(out, 2))
     assert not (out / "config.json").exists()
 
 
@@ -153,7 +153,7 @@ def test_a_second_run_into_a_locked_folder_stops_naming_the_holder(tmp_path):
 def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path, monkeypatch):
     import engine.pretrain as P
     from engine.run import TrainingDiverged
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     real = P.iwm_loss
     calls = []
@@ -166,7 +166,7 @@ def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path, monkeypatc
     monkeypatch.setattr(P, "iwm_loss", diverging)
     out = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match=r"last checkpoint, step 2 .*lower learning rate"):
-        train(tiny_config(out, 6, ["train.ckpt_every=2", "train.log_every=2", "train.eval_every=0"]))
+        pretrain(tiny_config(out, 6, ["train.ckpt_every=2", "train.log_every=2", "train.eval_every=0"]))
     assert RunDir(str(out)).tags() == ["step_00000002"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 

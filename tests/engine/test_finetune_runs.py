@@ -28,10 +28,10 @@ def sources(tmp_path_factory):
     """(pretrained checkpoint, randomly initialised checkpoint of the same network)."""
     from engine import checkpoint as ckpt_lib
     from engine.models import IWM
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("sources")
-    train(tiny_config(root / "pretrained", PRETRAIN_STEPS, ["data.embedded_per_class=32"]))
+    pretrain(tiny_config(root / "pretrained", PRETRAIN_STEPS, ["data.embedded_per_class=32"]))
     cfg = tiny_config(root / "random", 1)
     torch.manual_seed(0)
     model = IWM(cfg)

@@ -10,8 +10,9 @@ import torch
 
 from engine.config import ConfigError, IWMConfig
 from engine.models import IWM
+from engine.cli import plan_main
 from engine.plan import (GPUS, PRECISIONS, TokenStats, activation_layers, block_params, block_saved_bytes,
-                         comm_bytes, link_bandwidth, load_recipe, main, memory_plan, param_counts, time_plan)
+                         comm_bytes, link_bandwidth, load_recipe, memory_plan, param_counts, time_plan)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FP32 = PRECISIONS["fp32"]
@@ -178,7 +179,7 @@ def _cli(*args):
 @pytest.mark.parametrize("recipe", ["pretrain_vith", "pretrain_tiny"])
 def test_cli_prints_a_table(recipe, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = main([os.path.join(ROOT, "recipes", f"{recipe}.py"), "--gpus", "16", "--gpu-mem", "80",
+    rc = plan_main([os.path.join(ROOT, "recipes", f"{recipe}.py"), "--gpus", "16", "--gpu-mem", "80",
                "--json", str(out), "--set", "data.batch_size=64"])
     text = capsys.readouterr().out
     assert rc == 0

@@ -34,7 +34,7 @@ def tiny_config(out_dir, steps, extra=()):
 
 
 def subprocess_env(**extra):
-    """This environment without the one-rank variables an in-process train() set (RANK, MASTER_PORT, ...):
+    """This environment without the one-rank variables an in-process pretrain() set (RANK, MASTER_PORT, ...):
     a child must pick its own rendezvous."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -48,10 +48,10 @@ def read_metrics(out_dir):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("run")
-    result = train(tiny_config(out, 40))
+    result = pretrain(tiny_config(out, 40))
     return out, result
 
 
@@ -70,12 +70,12 @@ def test_short_run_loss_decreases(trained_run):
 
 @pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out, _ = trained_run
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
-    result = train(tiny_config(copy, 50))
+    result = pretrain(tiny_config(copy, 50))
     assert result.step == 50
     steps = [int(float(r["step"])) for r in read_metrics(copy) if r.get("loss")]
     assert steps == list(range(2, 51, 2)), "metrics history must continue without gaps or repeats"
@@ -85,13 +85,13 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
 @pytest.mark.slow
 def test_resume_with_a_different_model_is_refused(trained_run, tmp_path):
     from engine.checkpoint import CheckpointError
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out, _ = trained_run
     copy = tmp_path / "other"
     shutil.copytree(out, copy)
     with pytest.raises(CheckpointError, match="different model config"):
-        train(tiny_config(copy, 60, ["model.predictor_depth=3"]))
+        pretrain(tiny_config(copy, 60, ["model.predictor_depth=3"]))
 
 
 def run_eval(*args):
@@ -163,14 +163,14 @@ def test_eval_cli_on_folders_and_bad_input(trained_run, tmp_path):
 def test_resume_restores_weights_and_target_encoder(trained_run, tmp_path):
     """Resuming at the step it stopped (nothing left to train) must reproduce the saved weights exactly:
     the online networks from DeepSpeed's state, the target encoder from the client state."""
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out, _ = trained_run
     before = torch.load(out / "checkpoint.pt", weights_only=False)
     copy = tmp_path / "same"
     shutil.copytree(out, copy)
     (copy / "checkpoint.pt").unlink()  # must be rebuilt from ds/, not copied through
-    result = train(tiny_config(copy, 40))
+    result = pretrain(tiny_config(copy, 40))
     after = torch.load(copy / "checkpoint.pt", weights_only=False)
     assert result.step == 40
     for part in ("encoder", "predictor", "target_encoder"):
@@ -182,7 +182,7 @@ def test_resume_restores_weights_and_target_encoder(trained_run, tmp_path):
 @pytest.mark.slow
 def test_fresh_start_moves_the_old_run_aside(trained_run, tmp_path):
     from engine.checkpoint import RunDir
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     out, _ = trained_run
     copy = tmp_path / "fresh"
@@ -190,7 +190,7 @@ def test_fresh_start_moves_the_old_run_aside(trained_run, tmp_path):
     old_weights = (copy / "checkpoint.pt").read_bytes()
     cfg = tiny_config(copy, 4)
     cfg.train.resume = False
-    train(cfg)
+    pretrain(cfg)
     assert RunDir(str(copy)).tags() == ["step_00000004"]
     assert torch.load(copy / "checkpoint.pt", weights_only=True)["step"] == 4
     previous = list((copy / "previous").iterdir())

@@ -1,4 +1,4 @@
-"""The training loop's wiring, watched by spies over a few real ``train()`` steps and checked against
+"""The training loop's wiring, watched by spies over a few real ``pretrain()`` steps and checked against
 independent formulas: the views reach the right networks, the schedules move, the EMA is the EMA."""
 import math
 
@@ -26,7 +26,7 @@ def expected_wd(s, start=0.04, end=0.4):
 
 @pytest.fixture(scope="module")
 def spied_run(tmp_path_factory):
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     rec = {"views": [], "target_in": [], "encoder_in": [], "actions": [], "momentum": [], "ema_err": [],
            "groups": [], "group_params": None}
@@ -77,7 +77,7 @@ def spied_run(tmp_path_factory):
                       ["train.zero_stage=0", "optim.warmup_epochs=0.2", "optim.ema=(0.9, 1.0)",
                        "train.eval_every=0", "train.ckpt_every=100"])
     try:
-        result = train(cfg)
+        result = pretrain(cfg)
     finally:
         mp.undo()
     return rec, result

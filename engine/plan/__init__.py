@@ -12,24 +12,20 @@ time from the step FLOPs at an assumed MFU plus the collective communication ove
 Every formula and constant is documented in ``docs/plan.md``; the memory model is checked against
 measured peak memory of small CPU configurations by ``benchmarks/plan_validation.py``.
 
-Precision is a parameter (:data:`PRECISIONS`): ``autocast`` is what ``engine/train.py`` does on CUDA
+Precision is a parameter (:data:`PRECISIONS`): ``autocast`` is what ``engine/pretrain.py`` does on CUDA
 today (fp32 parameters, gradients and AdamW in the module, ``torch.autocast`` bf16 activations, an fp32
 residual stream); ``ds_bf16`` is DeepSpeed's bf16 mode (bf16 parameters and gradients, fp32 master
 partition); ``fp32`` is the CPU path.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from engine import config as config_lib
 from engine.config import ConfigError, IWMConfig
 from engine.flops import step_flops, vit_forward_flops
 
@@ -82,7 +78,7 @@ class Precision:
 
 
 PRECISIONS = {
-    # engine/train.py on CUDA today: fp32 module + torch AdamW, torch.autocast(bf16). Layer norms run in
+    # engine/pretrain.py on CUDA today: fp32 module + torch AdamW, torch.autocast(bf16). Layer norms run in
     # fp32 under autocast and bf16 + fp32 promotes, so the residual stream stays fp32.
     "autocast": Precision("autocast", 4, 4, 2, 4, 2, False),
     # DeepSpeed {"bf16": {"enabled": true}}: bf16 module, fp32 master partition + fp32 AdamW moments
@@ -489,22 +485,9 @@ def time_plan(cfg: IWMConfig, stage: int, ranks: int, gpu: GPUSpec, prec: Precis
 # The whole plan, and the command line
 # ----------------------------------------------------------------------------------------------------
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> IWMConfig:
-    """Import a recipe file, call its ``config()`` and apply ``section.field=value`` overrides."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe file {path!r} not found: pass a path such as recipes/pretrain_vith.py")
-    spec = importlib.util.spec_from_file_location("_plan_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a broken recipe: say which file
-        raise ConfigError(f"recipe file {path!r} failed to import: {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, "config", None)):
-        raise ConfigError(f"recipe file {path!r} has no config() function returning an IWMConfig")
-    cfg = module.config()
-    if not isinstance(cfg, IWMConfig):
-        raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, expected engine.config.IWMConfig")
-    for assignment in overrides:
-        cfg.override(assignment)
+    """The recipe's config (:func:`engine.config.load_recipe`), validated for any ZeRO stage (the plan covers
+    every stage)."""
+    cfg = config_lib.load_recipe(path, overrides)
     stage = cfg.train.zero_stage
     cfg.train.zero_stage = 1  # the plan covers every stage: validate the rest of the config
     try:
@@ -593,50 +576,3 @@ def format_plan(result: dict) -> str:
     lines.append("grads at a backward peak: stage 1 holds none yet (they appear as activations are freed); "
                  "the gradients held through the optimizer step are 'grads_step' in --json")
     return "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        print(f"error: {message} (see python -m engine.plan --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = _Parser(prog="python -m engine.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", help="a recipe file, e.g. recipes/pretrain_vith.py")
-    p.add_argument("--gpus", type=int, required=True, help="data-parallel GPUs in total")
-    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the GPU's 80)")
-    p.add_argument("--gpu", default="h100", help=f"one of {sorted(GPUS)} (datasheet figures in docs/plan.md)")
-    p.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE)
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                   help=f"assumed model FLOPs utilisation of the compute (default {DEFAULT_MFU})")
-    p.add_argument("--precision", default="autocast",
-                   help="autocast (what engine/train.py does on CUDA), ds_bf16 (DeepSpeed bf16 mode) or fp32")
-    p.add_argument("--overhead-gib", type=float, default=CUDA_OVERHEAD_GIB,
-                   help=f"fixed CUDA context / allocator overhead per GPU (default {CUDA_OVERHEAD_GIB})")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field (repeatable)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
-    args = p.parse_args(argv)
-    try:
-        if args.gpus < 1:
-            raise ConfigError(f"--gpus {args.gpus}: need at least one GPU")
-        cfg = load_recipe(args.recipe, args.set)
-        gpu = args.gpu.lower()
-        mem = args.gpu_mem if args.gpu_mem is not None else (GPUS[gpu].mem_gib if gpu in GPUS else 80.0)
-        result = plan(cfg, args.gpus, gpu, mem, args.mfu, args.precision, gpus_per_node=args.gpus_per_node,
-                      overhead_gib=args.overhead_gib)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """Evaluation: the world model's mean reciprocal rank (MRR) and a linear probe on frozen features.
 
-The command line (``python -m engine.eval mrr|linear ...``) is in ``engine/cli.py``; the world model as a tool
+The command line (``python -m engine.eval mrr|linear ...``, ``engine/eval/__main__.py``) is parsed in
+``engine/cli.py``; the report table of finetuning runs is ``engine/eval/report.py``; the world model as a tool
 (imagine an action's result, retrieve it among images) is ``engine/world_model.py``.
 """
 from __future__ import annotations
@@ -219,10 +220,3 @@ def report_data(ds) -> None:
     if hasattr(ds, "summary"):
         print(f"data: {ds.summary()}")
 
-
-if __name__ == "__main__":  # python -m engine.eval ...: the command line lives in engine/cli.py
-    import sys
-
-    from engine.cli import eval_main
-
-    sys.exit(eval_main())
