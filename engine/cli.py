@@ -308,7 +308,7 @@ def run_finetuned(args) -> dict:
 
 
 def run_report(args) -> str:
-    from engine.finetune import report_table
+    from engine.eval.report import report_table
 
     table = report_table(args.runs)
     if args.out:

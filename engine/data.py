@@ -12,7 +12,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from engine.config import DataConfig, ViewConfig
+from engine.config import ConfigError, DataConfig, IWMConfig, ViewConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,13 @@ class EmbeddedShapes(Dataset):
 
     def __len__(self) -> int:
         return self.num_classes * self.per_class
+
+    def verify(self) -> int:
+        """Nothing to verify (the images are generated): 0 dropped."""
+        return 0
+
+    def summary(self) -> str:
+        return f"{len(self)} embedded images in {self.num_classes} classes ({self.split} split)"
 
     @property
     def targets(self) -> List[int]:
@@ -344,13 +351,13 @@ def check_same_classes(train_ds, val_ds, train_path, val_path) -> List[str]:
 # ----------------------------------------------------------------------------------------------------
 # Transforms run in the loader (per image, CPU): geometry only, uint8 out
 # ----------------------------------------------------------------------------------------------------
-def _to_uint8_tensor(img) -> torch.Tensor:
+def to_uint8_tensor(img) -> torch.Tensor:
     if isinstance(img, Image.Image):
         return TF.pil_to_tensor(img.convert("RGB") if img.mode != "RGB" else img).contiguous()
     return torch.as_tensor(img).contiguous()
 
 
-def _as_input(img):
+def as_pil_or_tensor(img):
     if isinstance(img, np.ndarray):  # [H, W, 3] uint8
         return Image.fromarray(img)
     return img
@@ -373,7 +380,7 @@ class SharedCrop:
         ])
 
     def __call__(self, img) -> torch.Tensor:
-        return _to_uint8_tensor(self.ops(_as_input(img)))
+        return to_uint8_tensor(self.ops(as_pil_or_tensor(img)))
 
 
 class EvalTransform:
@@ -387,7 +394,7 @@ class EvalTransform:
                                v2.CenterCrop(img_size)])
 
     def __call__(self, img) -> torch.Tensor:
-        return _to_uint8_tensor(self.ops(_as_input(img)))
+        return to_uint8_tensor(self.ops(as_pil_or_tensor(img)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,6 +424,23 @@ def build_dataset(data_cfg: DataConfig, view_cfg: ViewConfig, split: str = "trai
         return EmbeddedShapes(num_classes=data_cfg.embedded_classes, per_class=per_class,
                               size=data_cfg.embedded_native_size, split=split, transform=transform)
     return ImageFolderDataset(source, transform=transform)
+
+
+class ImageDataset(Protocol):
+    """What the run core asks of a training set (:class:`EmbeddedShapes`, :class:`ImageFolderDataset`, and
+    :class:`SeededCrops` around either): (uint8 image, label) items, and a check + a one-line summary."""
+
+    classes: List[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index): ...
+
+    def verify(self) -> int:
+        """Drop unreadable samples up front; returns how many were dropped."""
+
+    def summary(self) -> str:
+        """One line: how many images, from where, what was ignored or dropped."""
 
 
 class ResumableSampler(DistributedSampler):
@@ -512,3 +536,47 @@ def to_float_images(batch_uint8: torch.Tensor, device) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 in [0, 1] on ``device`` (copied as uint8, converted there)."""
     x = batch_uint8.to(device, non_blocking=True)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+class FinetuneTransform:
+    """Training transform of the supervised protocols: random resized crop + flip, then timm's RandAugment
+    (PIL), uint8 out. Python's ``random`` (which RandAugment draws from) is seeded from torch's stream, so
+    the loader's per-sample seeding (``SeededCrops``) makes every sample reproducible on resume."""
+
+    def __init__(self, img_size: int, crop_scale, randaugment: str):
+        from timm.data.auto_augment import rand_augment_transform
+        from torchvision.transforms import v2
+
+        self.geometry = v2.Compose([v2.RandomResizedCrop((img_size, img_size), scale=tuple(crop_scale),
+                                                         antialias=True), v2.RandomHorizontalFlip()])
+        self.randaugment = None
+        if randaugment:
+            try:
+                self.randaugment = rand_augment_transform(
+                    randaugment, {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)})
+            except (AssertionError, ValueError, KeyError) as e:
+                raise ConfigError(f"finetune.randaugment={randaugment!r} is not a timm RandAugment spec ({e}): "
+                                  f"use e.g. 'rand-m9-mstd0.5-inc1', or '' for none") from None
+
+    def __call__(self, img) -> torch.Tensor:
+        img = self.geometry(as_pil_or_tensor(img))
+        if self.randaugment is not None:
+            state = random.getstate()
+            random.seed(int(torch.randint(0, 2 ** 62, (1,))))
+            img = self.randaugment(img.convert("RGB"))
+            random.setstate(state)
+        return to_uint8_tensor(img)
+
+
+def val_path_of(cfg: IWMConfig) -> Optional[str]:
+    """The labelled val folder: finetune.val_data, else the sibling 'val' of a '.../train' folder (None: the
+    embedded val split)."""
+    if cfg.finetune.val_data not in ("", "embedded"):
+        return cfg.finetune.val_data
+    if cfg.data.dataset == "embedded":
+        return None
+    sibling = os.path.join(os.path.dirname(os.path.normpath(cfg.data.dataset)), "val")
+    if os.path.basename(os.path.normpath(cfg.data.dataset)) == "train" and os.path.isdir(sibling):
+        return sibling
+    raise DataError(f"no val split for {cfg.data.dataset}: pass --val VAL_DIR (finetune.val_data), or use the "
+                    f"ImageNet layout .../train and .../val")

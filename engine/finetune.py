@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -34,12 +33,13 @@ import torch.nn.functional as F
 from engine import checkpoint as ckpt_lib
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, IWMConfig
-from engine.data import (DataError, _as_input, _to_uint8_tensor, build_dataset, build_loader, check_class_folders,
-                         check_same_classes, to_float_images)
-from engine.flops import vit_forward_flops
+from engine.data import (FinetuneTransform, build_dataset, build_loader, check_class_folders, check_same_classes,
+                         to_float_images, val_path_of)
 from engine.distributed import gathered
-from engine.masks import MaskBatch
-from engine.models import Encoder, Predictor
+from engine.eval.report import write_result
+from engine.flops import vit_forward_flops
+from engine.heads import AttentiveHead, PooledHead
+from engine.models import Encoder, Predictor, predict_all
 from engine.run import decays
 from engine.views import identity_action
 
@@ -47,99 +47,32 @@ log = logging.getLogger("iwm")
 KIND = "finetune"  # checkpoint.pt of a finetuning run carries kind='finetune'; a pretraining one has no kind
 
 
-# ----------------------------------------------------------------------------------------------------
-# Heads
-# ----------------------------------------------------------------------------------------------------
-# V-JEPA's attentive head draws its weights from N(0, 0.02^2): a per-layer gain of 0.02 * sqrt(fan_in), 0.39 at
-# width 384 (the narrowest network of the paper, its ViT-B predictor) but 0.14 at 48. There the first logits are
-# about 16x smaller, every gradient passes through several such layers, and a head on a tiny network sits on the
-# ln(classes) loss plateau for hundreds of steps; when it leaves depends more on luck than on the features
-# (docs/finetune.md, "The head's initialisation"). Layers narrower than 384 get the gain of a 384-wide one.
-HEAD_INIT_STD, HEAD_INIT_WIDTH = 0.02, 384
+@dataclass(frozen=True)
+class Protocol:
+    """What sets one protocol apart from the others (everything else is :class:`Finetuning`'s)."""
+    name: str              # the run's task name, in its logs
+    supervised: bool       # the supervised machinery: RandAugment, mixup / cutmix, label smoothing
+    freeze_encoder: bool   # the encoder frozen (eval mode, no autograd)
+    uses_predictor: bool   # the predictor on every position (identity action) between encoder and head
+    head: str              # 'attentive', 'batch' (pooled + batch norm: the linear probe) or 'config' (finetune.head)
 
 
-def head_init_std(fan_in: int) -> float:
-    """The std of a head weight with `fan_in` inputs: 0.02 from 384 inputs up, 0.02 * sqrt(384 / fan_in) below."""
-    return HEAD_INIT_STD * math.sqrt(max(1.0, HEAD_INIT_WIDTH / fan_in))
-
-
-class AttentiveHead(nn.Module):
-    """V-JEPA's attentive classifier: one learned query, one cross-attention block (the query attends to
-    the layer-normed tokens; residual; MLP with residual), then a linear layer. tokens [B, N, D] -> [B, C].
-    Weights: V-JEPA's N(0, 0.02^2) at widths from 384 up, the same per-layer gain below (`head_init_std`)."""
-
-    def __init__(self, dim: int, heads: int, classes: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        from timm.layers import Mlp
-
-        if dim % heads:
-            raise ConfigError(f"attentive head: width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.norm1 = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.linear = nn.Linear(dim, classes)
-        nn.init.trunc_normal_(self.query, std=HEAD_INIT_STD)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=head_init_std(m.in_features))
-                nn.init.zeros_(m.bias)
-
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, D]: the query after the cross-attention block."""
-        B, N, D = tokens.shape
-        h = self.heads
-        x = self.norm1(tokens)
-        q = self.q(self.query).expand(B, 1, D).reshape(B, 1, h, D // h).transpose(1, 2)  # [B, h, 1, Dh]
-        k, v = self.kv(x).reshape(B, N, 2, h, D // h).permute(2, 0, 3, 1, 4)  # [B, h, N, Dh] each
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
-        query = self.query + self.proj(attended)
-        query = query + self.mlp(self.norm2(query))
-        return query[:, 0]
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.pool(tokens))
-
-
-class PooledHead(nn.Module):
-    """Average-pooled tokens -> a norm -> linear. 'layer' (finetuning, MAE's fc_norm) or 'batch' (the linear
-    probe: batch norm without affine parameters, MAE's linear-probing protocol)."""
-
-    def __init__(self, dim: int, classes: int, norm: str = "layer"):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim) if norm == "layer" else nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, classes)
-        nn.init.trunc_normal_(self.linear.weight, std=0.01 if norm == "batch" else 2e-5)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(tokens.mean(1)))
+PROTOCOLS: Dict[str, Protocol] = {
+    "encoder": Protocol("finetune_encoder", supervised=True, freeze_encoder=False, uses_predictor=False,
+                        head="config"),
+    "predictor": Protocol("finetune_predictor", supervised=True, freeze_encoder=True, uses_predictor=True,
+                          head="attentive"),
+    "end_to_end": Protocol("finetune_end_to_end", supervised=True, freeze_encoder=False, uses_predictor=True,
+                           head="attentive"),
+    "linear": Protocol("probe_linear", supervised=False, freeze_encoder=True, uses_predictor=False, head="batch"),
+    "attentive": Protocol("probe_attentive", supervised=False, freeze_encoder=True, uses_predictor=False,
+                          head="attentive"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
 # The predictor as a feature extractor
 # ----------------------------------------------------------------------------------------------------
-def all_patches_masks(batch: int, grid: tuple, device) -> MaskBatch:
-    """The MaskBatch in which every patch of every sample is both visible (context) and predicted (target),
-    each sample's patches in raster order."""
-    n = grid[0] * grid[1]
-    idx = torch.arange(n, device=device).repeat(batch)
-    counts = [n] * batch
-    return MaskBatch(grid=tuple(grid), context_idx=idx, target_idx=idx, context_counts=counts,
-                     target_counts=counts)
-
-
-def predict_all(predictor: Predictor, tokens: torch.Tensor, action: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """The predictor on every position: tokens [B, N, D] (the encoder's, all patches) -> [B, N, D]."""
-    B, N, D = tokens.shape
-    masks = all_patches_masks(B, grid, tokens.device)
-    return predictor(tokens.reshape(B * N, D), masks, action).reshape(B, N, -1)
-
-
 class FinetuneModel(nn.Module):
     """encoder (trained or frozen) -> [predictor on every position with the identity action] -> head.
     ``forward(images [B, 3, H, W] in [0, 1]) -> logits [B, C]``. A frozen encoder stays in eval mode and
@@ -180,22 +113,23 @@ def build_model(cfg: IWMConfig, source: Optional[dict], classes: int) -> Finetun
     """The protocol's network, its encoder (and predictor) loaded from the pretraining checkpoint ``source``
     (None: left randomly initialised)."""
     ft = cfg.finetune
+    spec = PROTOCOLS[ft.protocol]
     encoder = Encoder(cfg)
-    uses_predictor = ft.protocol in ("predictor", "end_to_end")
-    predictor = Predictor(cfg, encoder.embed_dim, encoder.grid, cfg.views.action_dim) if uses_predictor else None
+    predictor = Predictor(cfg, encoder.embed_dim, encoder.grid, cfg.views.action_dim) if spec.uses_predictor else None
     if source is not None:
         key = "target_encoder" if ft.encoder_weights == "target" else "encoder"
         _load(encoder, source[key], cfg, key)
         if predictor is not None and ft.predictor_init == "pretrained":
             _load(predictor, source["predictor"], cfg, "predictor")
     dim, _, heads = cfg.model.encoder_dims()
-    if ft.protocol == "linear":
+    kind = ft.head if spec.head == "config" else spec.head
+    if kind == "batch":
         head = PooledHead(dim, classes, norm="batch")
-    elif ft.protocol == "encoder" and ft.head == "average":
+    elif kind == "average":
         head = PooledHead(dim, classes, norm="layer")
     else:
         head = AttentiveHead(dim, heads, classes, cfg.model.mlp_ratio)
-    return FinetuneModel(encoder, predictor, head, ft.protocol in ("predictor", "linear", "attentive"), cfg.views)
+    return FinetuneModel(encoder, predictor, head, spec.freeze_encoder, cfg.views)
 
 
 def _load(module: nn.Module, state: dict, cfg: IWMConfig, what: str) -> None:
@@ -231,53 +165,6 @@ def load_source(cfg: IWMConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-class FinetuneTransform:
-    """Training transform of the supervised protocols: random resized crop + flip, then timm's RandAugment
-    (PIL), uint8 out. Python's ``random`` (which RandAugment draws from) is seeded from torch's stream, so
-    the loader's per-sample seeding (``SeededCrops``) makes every sample reproducible on resume."""
-
-    def __init__(self, img_size: int, crop_scale, randaugment: str):
-        from timm.data.auto_augment import rand_augment_transform
-        from torchvision.transforms import v2
-
-        self.geometry = v2.Compose([v2.RandomResizedCrop((img_size, img_size), scale=tuple(crop_scale),
-                                                         antialias=True), v2.RandomHorizontalFlip()])
-        self.randaugment = None
-        if randaugment:
-            try:
-                self.randaugment = rand_augment_transform(
-                    randaugment, {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)})
-            except (AssertionError, ValueError, KeyError) as e:
-                raise ConfigError(f"finetune.randaugment={randaugment!r} is not a timm RandAugment spec ({e}): "
-                                  f"use e.g. 'rand-m9-mstd0.5-inc1', or '' for none") from None
-
-    def __call__(self, img) -> torch.Tensor:
-        img = self.geometry(_as_input(img))
-        if self.randaugment is not None:
-            state = random.getstate()
-            random.seed(int(torch.randint(0, 2 ** 62, (1,))))
-            img = self.randaugment(img.convert("RGB"))
-            random.setstate(state)
-        return _to_uint8_tensor(img)
-
-
-def val_path_of(cfg: IWMConfig) -> Optional[str]:
-    """The labelled val folder: finetune.val_data, else the sibling 'val' of a '.../train' folder (None: the
-    embedded val split)."""
-    if cfg.finetune.val_data not in ("", "embedded"):
-        return cfg.finetune.val_data
-    if cfg.data.dataset == "embedded":
-        return None
-    sibling = os.path.join(os.path.dirname(os.path.normpath(cfg.data.dataset)), "val")
-    if os.path.basename(os.path.normpath(cfg.data.dataset)) == "train" and os.path.isdir(sibling):
-        return sibling
-    raise DataError(f"no val split for {cfg.data.dataset}: pass --val VAL_DIR (finetune.val_data), or use the "
-                    f"ImageNet layout .../train and .../val")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------------------------------
 @dataclass
@@ -292,53 +179,50 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> Dict[
 
 
 class Finetuning:
-    """What every protocol shares; a protocol subclass only names itself (and its networks via the config)."""
+    """Every protocol as a task on the run core; :data:`PROTOCOLS` says how they differ."""
 
-    name = "finetune"
-    protocol = ""
     target_encoder = None  # no EMA encoder here
+    chance = None          # no MRR chance line on the plot
 
     def __init__(self, cfg: IWMConfig, device: torch.device, rank: int = 0, source: Optional[dict] = None):
-        if cfg.finetune.protocol != self.protocol:
-            raise ConfigError(f"{type(self).__name__} runs finetune.protocol={self.protocol!r}, the config says "
-                              f"{cfg.finetune.protocol!r}")
         self.cfg, self.device, self.rank = cfg, device, rank
         ft = cfg.finetune
+        self.protocol = ft.protocol
+        self.spec = PROTOCOLS[ft.protocol]
+        self.name = self.spec.name
+        self.supervised = self.spec.supervised
         self.val_path = val_path_of(cfg)
         check_class_folders(None if cfg.data.dataset == "embedded" else cfg.data.dataset)
         check_class_folders(self.val_path)
-        self._train = self.train_dataset()
+        randaugment = ft.randaugment if self.supervised else ""
+        self._train = build_dataset(cfg.data, cfg.views, split="train",
+                                    transform=FinetuneTransform(cfg.data.img_size, ft.crop_scale, randaugment))
         self._val = build_dataset(cfg.data, cfg.views, split="val", path=self.val_path, train=False)
         self.classes = check_same_classes(self._train, self._val, cfg.data.dataset, self.val_path or "embedded")
         torch.manual_seed(cfg.train.seed)  # the same initial head on every rank
         self.model = build_model(cfg, source, len(self.classes))
-        self.mixup = None
-        if self.supervised and (ft.mixup > 0 or ft.cutmix > 0) and ft.mix_prob > 0:
-            from timm.data import Mixup
-
-            if cfg.data.batch_size % 2:
-                raise ConfigError(f"data.batch_size={cfg.data.batch_size}: mixup / cutmix pair each image with "
-                                  f"another of its batch, so the batch must be even (or set finetune.mixup=0 "
-                                  f"and finetune.cutmix=0)")
-            self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, prob=ft.mix_prob,
-                               switch_prob=ft.mix_switch_prob, mode="batch", label_smoothing=ft.label_smoothing,
-                               num_classes=len(self.classes))
+        self.mixup = self._mixup()
         self.best = -math.inf
         self.step_done = 0
 
-    @property
-    def supervised(self) -> bool:
-        """The finetuning protocols use the full supervised machinery; the probes plain crops + CE."""
-        return self.protocol in ("encoder", "predictor", "end_to_end")
+    def _mixup(self):
+        """timm's Mixup for the supervised protocols when mixup or cutmix is on, else None."""
+        cfg, ft = self.cfg, self.cfg.finetune
+        if not (self.supervised and (ft.mixup > 0 or ft.cutmix > 0) and ft.mix_prob > 0):
+            return None
+        from timm.data import Mixup
+
+        if cfg.data.batch_size % 2:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: mixup / cutmix pair each image with "
+                              f"another of its batch, so the batch must be even (or set finetune.mixup=0 "
+                              f"and finetune.cutmix=0)")
+        return Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, prob=ft.mix_prob, switch_prob=ft.mix_switch_prob,
+                     mode="batch", label_smoothing=ft.label_smoothing, num_classes=len(self.classes))
 
     # ---- data --------------------------------------------------------------------------------------------
     def train_dataset(self):
-        cfg, ft = self.cfg, self.cfg.finetune
-        if hasattr(self, "_train"):
-            return self._train
-        randaugment = ft.randaugment if self.supervised else ""
-        transform = FinetuneTransform(cfg.data.img_size, ft.crop_scale, randaugment)
-        return build_dataset(cfg.data, cfg.views, split="train", transform=transform)
+        """The labelled training set: random resized crop + flip (+ RandAugment for the supervised protocols)."""
+        return self._train
 
     def load_eval_data(self) -> None:
         self.val_loader = build_loader(self._val, self.cfg.finetune.eval_batch_size, self.cfg.data.num_workers,
@@ -363,10 +247,14 @@ class Finetuning:
         return {}
 
     def tokens(self, out) -> Dict[str, int]:
-        return {}
+        return {}  # every patch, every image: step_flops counts them from the image count
 
-    def step_flops(self, images: int) -> float:
-        """Forward of the frozen parts, forward + backward (3x) of the trained ones (engine/flops.py)."""
+    def external_parameters(self) -> List[tuple]:
+        return []
+
+    def step_flops(self, images: int, tokens: Dict[str, int]) -> float:
+        """Forward of the frozen parts, forward + backward (3x) of the trained ones (engine/flops.py); every
+        patch is a token here, so ``tokens`` is not needed."""
         cfg, m = self.cfg, self.cfg.model
         dim, depth, _ = m.encoder_dims()
         n = (cfg.data.img_size // m.patch_size) ** 2
@@ -445,30 +333,6 @@ class Finetuning:
                     "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
 
 
-class EncoderFinetuning(Finetuning):
-    name, protocol = "finetune_encoder", "encoder"
-
-
-class PredictorFinetuning(Finetuning):
-    name, protocol = "finetune_predictor", "predictor"
-
-
-class EndToEndFinetuning(Finetuning):
-    name, protocol = "finetune_end_to_end", "end_to_end"
-
-
-class LinearProbe(Finetuning):
-    name, protocol = "probe_linear", "linear"
-
-
-class AttentiveProbe(Finetuning):
-    name, protocol = "probe_attentive", "attentive"
-
-
-TASKS = {t.protocol: t for t in (EncoderFinetuning, PredictorFinetuning, EndToEndFinetuning, LinearProbe,
-                                 AttentiveProbe)}
-
-
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader, device, autocast: Callable) -> Dict[str, float]:
     """top-1 / top-5 accuracy (%) of ``model`` (images -> logits) over ``loader`` (center crops)."""
@@ -492,7 +356,7 @@ def finetune(cfg: IWMConfig, dist_info=None):
     source = load_source(cfg)
     cfg.validate()
     info = start_process(dist_info)
-    task = TASKS[cfg.finetune.protocol](cfg, info.device, info.rank, source)
+    task = Finetuning(cfg, info.device, info.rank, source)
     result = Run(cfg, info).fit(task)
     if info.is_main:
         write_result(cfg, result)
@@ -537,69 +401,3 @@ def probe_config(checkpoint: str, protocol: str, out_dir: str, data: Optional[st
     cfg.train = dataclasses.replace(cfg.train, out_dir=out_dir, seed=seed, eval_every=0, resume=False,
                                     ckpt_every=10 ** 9, zero_stage=min(cfg.train.zero_stage, 2))
     return cfg
-
-
-def write_result(cfg: IWMConfig, result) -> str:
-    """``finetune.json`` in the run directory: what ``python -m engine.eval report`` reads."""
-    path = os.path.join(cfg.train.out_dir, "finetune.json")
-    ckpt_lib.atomic_write_json(path, {
-        "protocol": cfg.finetune.protocol, "predictor_init": cfg.finetune.predictor_init,
-        "encoder_weights": cfg.finetune.encoder_weights, "source": os.path.abspath(cfg.finetune.checkpoint),
-        "step": result.step, **{k: float(v) for k, v in result.metrics.items()}})
-    return path
-
-
-COLUMNS = [("encoder FT", "encoder"), ("frozen enc + random pred", "predictor/random"),
-           ("frozen enc + pretrained pred", "predictor/pretrained"), ("end-to-end", "end_to_end"),
-           ("linear", "linear"), ("attentive", "attentive"), ("MRR", "mrr")]
-
-
-def _source_run(path: str) -> str:
-    path = os.path.abspath(path)
-    return os.path.dirname(path) if path.endswith(".pt") else path
-
-
-def report_table(runs: List[str]) -> str:
-    """A markdown table shaped like the paper's: a row per pretraining run, a column per protocol (top-1 %, the
-    best kept checkpoint's) plus MRR. ``runs``: pretraining and finetuning run directories, in any order; a
-    finetuning run joins the row of the pretraining run it started from."""
-    import json
-
-    rows: Dict[str, Dict[str, float]] = {}
-    names: Dict[str, str] = {}
-
-    def read(path):
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    for run in runs:
-        if not os.path.isdir(run):
-            raise DataError(f"report: {run} is not a run directory")
-        ft = read(os.path.join(run, "finetune.json"))
-        if ft is not None:
-            key = _source_run(ft["source"])
-            column = ft["protocol"] + (f"/{ft['predictor_init']}" if ft["protocol"] == "predictor" else "")
-            rows.setdefault(key, {})[column] = ft.get("best_top1", ft.get("top1"))
-            continue
-        key = os.path.abspath(run)
-        cfg = read(os.path.join(run, "config.json"))
-        if cfg is None and not os.path.isfile(os.path.join(run, "checkpoint.pt")):
-            raise DataError(f"report: {run} holds neither a pretraining run (config.json) nor finetune.json")
-        names[key] = (cfg or {}).get("name") or os.path.basename(key)
-        row = rows.setdefault(key, {})
-        for column, file, field in (("mrr", "mrr.json", "mrr"), ("linear", "linear.json", "val_top1"),
-                                    ("attentive", "attentive.json", "val_top1")):
-            got = read(os.path.join(run, file))
-            if got is not None and field in got:
-                row.setdefault(column, got[field])
-    lines = ["| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for key, row in rows.items():
-        cells = []
-        for _, col in COLUMNS:
-            v = row.get(col)
-            cells.append("" if v is None else (f"{v:.3f}" if col == "mrr" else f"{v:.1f}"))
-        lines.append(f"| {names.get(key, os.path.basename(key))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

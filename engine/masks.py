@@ -165,3 +165,13 @@ class MaskSampler:
         t_idx, t_counts = _pack(d.target)
         c_idx, c_counts = _pack(d.context)
         return MaskBatch((self.h, self.w), c_idx, t_idx, c_counts, t_counts)
+
+
+def all_patches_masks(batch: int, grid: tuple, device) -> MaskBatch:
+    """The MaskBatch in which every patch of every sample is both visible (context) and predicted (target),
+    each sample's patches in raster order."""
+    n = grid[0] * grid[1]
+    idx = torch.arange(n, device=device).repeat(batch)
+    counts = [n] * batch
+    return MaskBatch(grid=tuple(grid), context_idx=idx, target_idx=idx, context_counts=counts,
+                     target_counts=counts)

@@ -19,7 +19,7 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from engine.config import IWMConfig
-from engine.masks import MaskBatch
+from engine.masks import MaskBatch, all_patches_masks
 from kernels.attention import ragged_attention
 from kernels.feature_conditioning import feature_conditioning
 from kernels.gather import gather_tokens
@@ -277,3 +277,10 @@ class IWM(nn.Module):
     def forward(self, source_view: torch.Tensor, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
         context = self.encoder(source_view, masks)  # [Tc, D]
         return self.predictor(context, masks, action)  # [Tt, D]
+
+
+def predict_all(predictor: Predictor, tokens: torch.Tensor, action: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """The predictor on every position: tokens [B, N, D] (the encoder's, all patches) -> [B, N, D]."""
+    B, N, D = tokens.shape
+    masks = all_patches_masks(B, grid, tokens.device)
+    return predictor(tokens.reshape(B * N, D), masks, action).reshape(B, N, -1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -17,11 +17,12 @@ from engine.config import IWMConfig
 from engine.data import build_dataset
 from engine.distributed import DistInfo, gathered
 from engine.ema import TargetEncoder
+from engine.flops import step_flops
 from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
 from engine.loss import iwm_loss
 from engine.masks import MaskBatch, MaskSampler
 from engine.models import IWM
-from engine.run import Run, RunResult, start_process
+from engine.run import Run, RunResult, param_groups, start_process
 from engine.schedules import ema_momentum_at
 from engine.views import make_views
 
@@ -78,6 +79,13 @@ class Pretraining:
         """Images with the shared crop + flip applied in the loader (labels are not used)."""
         return build_dataset(self.cfg.data, self.cfg.views, split="train")
 
+    def param_groups(self, weight_decay: float) -> List[dict]:
+        """Decay on matrices, none on biases and 1-D parameters (:func:`engine.run.param_groups`)."""
+        return param_groups(self.model, weight_decay)
+
+    def external_parameters(self) -> List[tuple]:
+        return self.model.external_parameters()
+
     def step(self, engine, images: torch.Tensor, labels: torch.Tensor, autocast: Callable) -> StepOutput:
         return pretrain_step(self.cfg, engine, self.target_encoder, images, self.mask_sampler, self.view_gen,
                              self.mask_gen, autocast)
@@ -90,6 +98,11 @@ class Pretraining:
 
     def tokens(self, out: StepOutput) -> Dict[str, int]:
         return {"context": sum(out.masks.context_counts), "target": sum(out.masks.target_counts)}
+
+    def step_flops(self, images: int, tokens: Dict[str, int]) -> float:
+        """The IWM step's FLOPs (engine/flops.py) at the mean context / target tokens per image."""
+        per_image = {k: v / max(1, images) for k, v in tokens.items()}
+        return step_flops(self.cfg, per_image.get("context", 0.0), per_image.get("target", 0.0), images)
 
     @torch.no_grad()
     def evaluate(self, module, autocast: Callable) -> Dict[str, float]:

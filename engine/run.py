@@ -5,22 +5,8 @@ networks and the step; :class:`Run` owns the rest: the run directory (one run pe
 before the run has proved it can start), the data loader, the DeepSpeed engine, the schedules, gradient
 accumulation, meters and logs, periodic evaluation, checkpoints and exact resume.
 
-A task provides::
-
-    model                                     the nn.Module the optimizer trains (DeepSpeed wraps it)
-    train_dataset()                           the training set, yielding (uint8 image [3, H, W], label)
-    step(engine, images, labels, autocast)    -> StepOutput (.loss, fp32 scalar before backward); images
-                                              float [B, 3, H, W] in [0, 1] on the device, labels [B]
-    after_update(step, total)                 -> dict of logged values (e.g. the EMA momentum)
-    tokens(out)                               -> {"context": n, "target": n} for the FLOPs estimate
-    load_eval_data(); evaluate(module, autocast) -> {"mrr": ...}  (main rank), chance (or None)
-    state_dict() / load_state_dict(d)         what the checkpoint holds besides DeepSpeed's state
-    rng_state() / load_rng_state(d)           the task's random streams (per rank)
-    export(module, step, metrics)             the consolidated weights (every rank calls it; rank 0 gets them)
-  optional (finetuning, engine/finetune.py):
-    param_groups(weight_decay)                AdamW groups; a group's "lr_scale" multiplies the scheduled LR
-    step_flops(images)                        FLOPs of a step on that many images (else the IWM formula)
-    target_encoder                            absent or None when the task has no EMA target encoder
+A task is anything that implements :class:`Task` (every member; the run core probes for nothing): the
+pretraining task (``engine.pretrain.Pretraining``) and the finetuning protocols (``engine.finetune.Finetuning``).
 
 Host synchronisation: the step loop never reads a device value; losses and a non-finite count are
 accumulated on the device and read at log, eval and checkpoint steps only. A non-finite loss stops every
@@ -32,24 +18,76 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 
 from engine import checkpoint as ckpt_lib
 from engine.config import ConfigError, IWMConfig
-from engine.data import build_loader, to_float_images
+from engine.data import ImageDataset, build_loader, to_float_images
 from engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
-from engine.flops import device_peak_flops, step_flops
+from engine.flops import device_peak_flops
 from engine.metrics import MetricLogger
 from engine.schedules import lr_at, weight_decay_at
 from kernels import dispatch
 
 log = logging.getLogger("iwm")
 VERIFY_UP_TO = 50_000  # folders up to this size are checked file by file before training
+
+
+class StepOutput(Protocol):
+    loss: torch.Tensor  # fp32 scalar, before backward
+
+
+class Task(Protocol):
+    """What the run core trains: the networks, the step, evaluation, and what a checkpoint holds besides
+    DeepSpeed's state. Images reach :meth:`step` as float [B, 3, H, W] in [0, 1] on the device, labels [B]."""
+
+    name: str                          # in the logs
+    model: torch.nn.Module             # what the optimizer trains (DeepSpeed wraps it)
+    target_encoder: Optional[object]   # the EMA target encoder (engine.ema.TargetEncoder), or None
+    chance: Optional[float]            # the MRR's chance level for the plot, or None
+
+    def train_dataset(self) -> ImageDataset:
+        """The training set, yielding (uint8 image [3, H, W], label)."""
+
+    def load_eval_data(self) -> None:
+        """Load what :meth:`evaluate` needs (every rank, before DeepSpeed starts: bad data stops all)."""
+
+    def param_groups(self, weight_decay: float) -> List[dict]:
+        """AdamW groups; a group's ``lr_scale`` multiplies the scheduled LR, ``apply_wd`` says if it decays."""
+
+    def external_parameters(self) -> List[tuple]:
+        """(module, parameter) pairs ZeRO-3 must register as used outside their module's forward."""
+
+    def step(self, engine, images: torch.Tensor, labels: torch.Tensor, autocast: Callable) -> StepOutput:
+        """One micro-batch's forward and loss (backward and the update are the run core's)."""
+
+    def after_update(self, step: int, total: int) -> Dict[str, float]:
+        """After optimizer step ``step`` (1-based) of ``total``: e.g. the EMA update; values to log."""
+
+    def tokens(self, out: StepOutput) -> Dict[str, int]:
+        """Tokens the step processed ({"context": n, "target": n}) for the FLOPs estimate."""
+
+    def step_flops(self, images: int, tokens: Dict[str, int]) -> float:
+        """FLOPs of the optimizer steps since the last log: ``images`` and the summed :meth:`tokens`."""
+
+    def evaluate(self, module, autocast: Callable) -> Dict[str, float]:
+        """Held-out metrics (main rank; every rank under ZeRO-3)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def rng_state(self) -> dict:
+        """The task's random streams on this rank."""
+
+    def load_rng_state(self, state: dict) -> None: ...
+
+    def export(self, module, step: int, metrics: Dict[str, float]) -> Optional[dict]:
+        """The consolidated weights (every rank calls it: a gather under ZeRO-3; rank 0 gets them)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -199,7 +237,7 @@ class Run:
         self.peak = device_peak_flops(self.device)
 
     # ---- the loop -------------------------------------------------------------------------------------
-    def fit(self, task) -> RunResult:
+    def fit(self, task: Task) -> RunResult:
         cfg, info = self.cfg, self.info
         self.task = task
         dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
@@ -283,9 +321,9 @@ class Run:
     def _data(self, task):
         cfg, info = self.cfg, self.info
         dataset = task.train_dataset()
-        if hasattr(dataset, "verify") and len(dataset) <= VERIFY_UP_TO:
+        if len(dataset) <= VERIFY_UP_TO:
             dataset.verify()  # an image folder: drop unreadable files up front when that is cheap
-        if hasattr(dataset, "summary") and info.is_main:
+        if info.is_main:
             log.info("data: %s", dataset.summary())
         self.dataset = dataset
         loader = build_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, shuffle=True, drop_last=True,
@@ -293,14 +331,13 @@ class Run:
         self.accum = accumulation_steps(cfg, info.world_size)
         return loader, Schedule.build(cfg, len(loader), self.accum)
 
-    def build_engine(self, task):
-        """The DeepSpeed engine around ``task.model`` with torch AdamW (``task.param_groups`` or the decay
-        rule of :func:`param_groups`), our safe checkpoint engine and ZeRO-3's external parameters."""
+    def build_engine(self, task: Task):
+        """The DeepSpeed engine around ``task.model`` with torch AdamW (``task.param_groups``), our safe
+        checkpoint engine and ZeRO-3's external parameters."""
         import deepspeed
 
         cfg = self.cfg
-        groups = (task.param_groups(cfg.optim.weight_decay) if hasattr(task, "param_groups")
-                  else param_groups(task.model, cfg.optim.weight_decay))
+        groups = task.param_groups(cfg.optim.weight_decay)
         # fused: one pass over each (ZeRO: flat) parameter tensor, on the CPU too (the loop implementation
         # makes ten; 10x faster there, the same update to fp32 rounding)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr, betas=cfg.optim.betas,
@@ -309,9 +346,9 @@ class Run:
                                                config=deepspeed_config(cfg, self.info.world_size))
         engine.checkpoint_engine = ckpt_lib.SafeCheckpointEngine()  # resume never unpickles code
         if cfg.train.zero_stage == 3:
-            for module, param in getattr(task.model, "external_parameters", list)():
+            for module, param in task.external_parameters():
                 deepspeed.zero.register_external_parameter(module, param)
-        if getattr(task, "target_encoder", None) is not None:
+        if task.target_encoder is not None:
             check_same_across_ranks(task.target_encoder.module, self.device)
         engine.train()
         if self.info.is_main:
@@ -361,14 +398,11 @@ class Run:
 
     def _log(self, step: int, sched: Schedule, meters: Meters, engine, bar, **values) -> None:
         self._check_finite(step, meters)
-        info, cfg = self.info, self.cfg
+        info = self.info
         dt = max(time.time() - meters.since, 1e-9)
         loss = all_reduce_sum(meters.loss_sum.double(), self.device) / (meters.micro * info.world_size)
         img_s = meters.images * info.world_size / dt
-        per_img = {k: v / max(1, meters.images) for k, v in meters.tokens.items()}
-        flops_of = getattr(self.task, "step_flops", None)
-        flops = (flops_of(meters.images) if flops_of is not None
-                 else step_flops(cfg, per_img["context"], per_img["target"], meters.images))
+        flops = self.task.step_flops(meters.images, meters.tokens)
         tflops = flops / dt / 1e12
         extra = {"mfu": 100 * tflops * 1e12 / self.peak} if self.peak else {}
         grad_norm = engine.get_global_grad_norm()  # None / nan under ZeRO-0 fp32 (not tracked)
@@ -387,7 +421,7 @@ class Run:
             results = task.evaluate(engine.module, self.autocast)
         if self.info.is_main:
             self.metrics.log(step, **results)
-            self.metrics.plot(chance_mrr=getattr(task, "chance", None))
+            self.metrics.plot(chance_mrr=task.chance)
             bar.set_postfix({k: f"{v:.3f}" for k, v in results.items()})
         barrier()
         meters.since += time.time() - started  # img/s counts training time only
@@ -405,7 +439,7 @@ class Run:
         plot = self.metrics.plot(chance_mrr=None) if self.info.is_main else None
         self.metrics.close()
         logged = self.metrics.series("loss")[1]  # the whole run's history, resumed parts included (main rank)
-        summary = self.dataset.summary() if hasattr(self.dataset, "summary") else None
+        summary = self.dataset.summary()
         return RunResult(step=step, final_loss=logged[-1] if logged else float("nan"),
                          first_loss=logged[0] if logged else float("nan"), metrics=results,
                          out_dir=self.dir.path, checkpoint=self.dir.weights, metrics_csv=self.metrics.csv_path,

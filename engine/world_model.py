@@ -8,7 +8,7 @@
 The relation is the training one (``engine/views.py``, docs/method.md "Views and the action"): y = J_y(I),
 x = D(J_x(y)), a = (J_x^{-1}, D), so the action says how to get the target y back from the source x.
 :func:`imagine` runs the online encoder on x (every patch visible) and the predictor with the action at
-every patch (every patch predicted, ``engine.finetune.all_patches_masks``), and layer-normalises each
+every patch (every patch predicted, ``engine.masks.all_patches_masks``), and layer-normalises each
 token as the training targets are (``engine.loss``), so a prediction is comparable with
 :func:`encode_target` of an image (the target encoder's features, the regression targets of training).
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from engine.config import IWMConfig, ViewConfig
 from engine.eval import chance_mrr, load_model, mid_rank
-from engine.finetune import all_patches_masks
+from engine.masks import all_patches_masks
 from engine.loss import target_tokens
 from engine.models import Encoder, Predictor
 from engine.views import (ViewParams, action_from_params, apply_destructive, apply_jitter, inverse_jitter,

@@ -216,7 +216,6 @@ def load_eval_images(cfg: IWMConfig, n: int, split: str = "val", device="cpu", p
 
 
 def report_data(ds) -> None:
-    """For an image folder: how many files were ignored, dropped or substituted (never silent)."""
-    if hasattr(ds, "summary"):
-        print(f"data: {ds.summary()}")
+    """How many images; for an image folder also how many files were ignored, dropped or substituted."""
+    print(f"data: {ds.summary()}")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -328,6 +328,33 @@ def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: flo
     return params, optimizer, master, ema, buffers
 
 
+def backward_peak(layers, stage: int, P: int, g: float, N: int) -> Tuple[float, float]:
+    """(activations, gradients) held at the backward's peak. Stages 0-1: full module gradients accumulate
+    while activations are freed in reverse layer order (the worst point of that trade); stage 2: the
+    contiguous gradient partition + the IPG bucket; stage 3: fp32 gradient partitions."""
+    if stage <= 1:
+        best, best_acts, best_grads = -1.0, 0.0, 0.0
+        for k in range(len(layers), -1, -1):  # layers[k:] are done: their activations freed, grads made
+            acts = sum(L.saved for L in layers[:k])
+            grads = sum(L.grads for L in layers[k:])
+            if acts + grads > best:
+                best, best_acts, best_grads = acts + grads, acts, grads
+        return best_acts, best_grads
+    acts_full = sum(L.saved for L in layers)
+    return (acts_full, P * g / N) if stage == 2 else (acts_full, 4 * P / N)
+
+
+def step_grad_bytes(stage: int, P: int, g: float, N: int) -> float:
+    """Gradient bytes held through the optimizer step."""
+    if stage == 0:
+        return P * g
+    if stage == 1:
+        return P * g + 4 * P / N  # module gradients + the reduced fp32 partition
+    if stage == 2:
+        return P * g / N + 4 * P / N
+    return 4 * P / N
+
+
 def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpointing: bool,
                 tok: TokenStats, attention: str = "packed", overhead_bytes: float = CUDA_OVERHEAD_GIB * GiB,
                 batch: Optional[int] = None) -> MemoryPlan:
@@ -363,29 +390,11 @@ def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpo
     extra_bwd = target_out + backward_workspace_bytes(cfg, B, tok, prec) + weight_copies
     if checkpointing:
         extra_bwd += recompute_bytes(cfg, B, tok, prec, attention)
-    if stage <= 1:  # full module gradients accumulate while activations are freed (reverse order)
-        best, best_acts, best_grads = -1.0, 0.0, 0.0
-        for k in range(len(layers), -1, -1):  # layers[k:] are done: their activations freed, grads made
-            acts = sum(L.saved for L in layers[:k])
-            grads = sum(L.grads for L in layers[k:])
-            if acts + grads > best:
-                best, best_acts, best_grads = acts + grads, acts, grads
-        bwd_acts, bwd_grads = best_acts, best_grads
-    elif stage == 2:
-        bwd_acts, bwd_grads = acts_full, P * g / N  # grads_in_partition (contiguous) + the IPG bucket
-    else:
-        bwd_acts, bwd_grads = acts_full, 4 * P / N  # fp32 gradient partitions
+    bwd_acts, bwd_grads = backward_peak(layers, stage, P, g, N)
     phase_bwd = bwd_acts + bwd_grads + extra_bwd
 
     # ---- phase 3: optimizer step ----
-    if stage == 0:
-        step_grads = P * g
-    elif stage == 1:
-        step_grads = P * g + 4 * P / N  # module gradients + the reduced fp32 partition
-    elif stage == 2:
-        step_grads = P * g / N + 4 * P / N
-    else:
-        step_grads = 4 * P / N
+    step_grads = step_grad_bytes(stage, P, g, N)
     phase_step = step_grads
 
     phases = {"target_forward": phase_target, "backward": phase_bwd, "optimizer_step": phase_step}

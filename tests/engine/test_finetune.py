@@ -69,7 +69,7 @@ def test_model_drop_path_is_accepted_and_validated():
 
 
 def test_attentive_head_matches_a_plain_cross_attention():
-    from engine.finetune import AttentiveHead
+    from engine.heads import AttentiveHead
 
     torch.manual_seed(0)
     B, N, D, H, C = 3, 5, 16, 4, 7
@@ -97,7 +97,7 @@ def test_attentive_head_matches_a_plain_cross_attention():
 def test_a_narrow_attentive_head_starts_like_a_384_wide_one():
     """V-JEPA's N(0, 0.02^2) weights make a 48-wide head's first logits about 16x smaller than a 384-wide one's
     (the ln(C) plateau of tiny probes); the engine keeps the 384-wide gain below 384 and V-JEPA's std above."""
-    from engine.finetune import AttentiveHead
+    from engine.heads import AttentiveHead
 
     def logit_spread(dim):
         torch.manual_seed(0)
@@ -116,7 +116,9 @@ def test_a_narrow_attentive_head_starts_like_a_384_wide_one():
 
 
 def test_all_patches_mask_and_predictor_on_every_position():
-    from engine.finetune import all_patches_masks, identity_action, predict_all
+    from engine.masks import all_patches_masks
+    from engine.models import predict_all
+    from engine.views import identity_action
     from engine.models import Predictor
 
     cfg = IWMConfig()
@@ -152,11 +154,11 @@ def tiny_finetune_cfg(protocol="encoder", **ft):
 
 
 def test_layer_wise_lr_decay_and_predictor_lr():
-    from engine.finetune import TASKS
+    from engine.finetune import Finetuning
     from engine.run import Schedule
 
     cfg = tiny_finetune_cfg("end_to_end", layer_decay=0.5, predictor_lr_scale=0.1)
-    task = TASKS["end_to_end"](cfg, torch.device("cpu"))
+    task = Finetuning(cfg, torch.device("cpu"))
     groups = task.param_groups(0.05)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
@@ -185,12 +187,12 @@ def test_layer_wise_lr_decay_and_predictor_lr():
 
 
 def test_frozen_encoder_protocols_train_only_what_they_should():
-    from engine.finetune import TASKS
+    from engine.finetune import Finetuning
 
     for protocol, trained in [("predictor", {"predictor", "head"}), ("linear", {"head"}),
                               ("attentive", {"head"}), ("encoder", {"encoder", "head"}),
                               ("end_to_end", {"encoder", "predictor", "head"})]:
-        task = TASKS[protocol](tiny_finetune_cfg(protocol), torch.device("cpu"))
+        task = Finetuning(tiny_finetune_cfg(protocol), torch.device("cpu"))
         parts = {n.split(".")[0] for n, p in task.model.named_parameters() if p.requires_grad}
         assert parts == trained, protocol
         task.model.train()
@@ -198,9 +200,9 @@ def test_frozen_encoder_protocols_train_only_what_they_should():
 
 
 def test_random_predictor_gets_the_full_lr():
-    from engine.finetune import TASKS
+    from engine.finetune import Finetuning
 
-    task = TASKS["predictor"](tiny_finetune_cfg("predictor", predictor_init="random"), torch.device("cpu"))
+    task = Finetuning(tiny_finetune_cfg("predictor", predictor_init="random"), torch.device("cpu"))
     assert {g["lr_scale"] for g in task.param_groups(0.05)} == {1.0}
 
 
