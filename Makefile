@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-fast bench bench-peer bench-e2e clean-venv
+.PHONY: demo check test test-fast bench bench-peer bench-e2e clean-venv
 
 $(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,11 +18,15 @@ $(STAMP): requirements.txt constraints.txt setup.py
 demo: $(STAMP)
 	$(BIN)/python recipes/pretrain_tiny.py
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# the fast tier, before every commit: everything not marked slow (no DeepSpeed launches, no training runs)
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: check
+
+# the whole suite (what .ci/run runs), slowest tests listed at the end
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=20
 
 # kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch);
 # first every Triton kernel compiled for sm_80 / sm_90 (no GPU needed): registers, spills, shared memory
