@@ -10,6 +10,7 @@ that turns bad input into one line and exit code 2.
     python -m engine.eval report    RUN [RUN ...]
     python -m engine.eval imagine   --ckpt RUN --image FILE [--out PNG] [--candidates K] [--top T] [--seed S]
     python -m engine.plan RECIPE --gpus N [--gpu-mem GIB] [--gpu h100|a100] [--json PATH]
+    python -m engine.export RUN OUT [--part target_encoder|encoder|predictor]
 
 The commands' modules run them from a package ``__main__`` (``engine/eval/__main__.py``,
 ``engine/plan/__main__.py``): nothing imported by this file imports it back (tests/test_import_cycles.py).
@@ -374,7 +375,7 @@ def _parent(*adders: Callable[[argparse.ArgumentParser], None]) -> argparse.Argu
     return parent
 
 
-def _ckpt_args(p, what: str = "checkpoint.pt or a run directory") -> None:
+def _ckpt_args(p, what: str = "checkpoint.pt, model.safetensors or a run directory") -> None:
     p.add_argument("--ckpt", required=True, help=what)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -514,3 +515,37 @@ def plan_main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {args.json}")
 
     return exit_code_of(run)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: python -m engine.export RUN OUT [--part ...]
+# ----------------------------------------------------------------------------------------------------
+def run_export(args) -> str:
+    from engine.export import export
+
+    name = export(args.run, args.out, args.part)
+    print(f"wrote {args.part} of {args.run} to {args.out} (config.json + model.safetensors); load it with "
+          f"timm.create_model({name!r}, pretrained=True)"
+          + ("  (after `import engine.export`, which registers iwm_predictor)" if args.part == "predictor" else ""))
+    return name
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from engine.export import PARTS
+
+    parser = OneLineParser(prog="python -m engine.export",
+                                     description="Write a run's encoder (or predictor) as a folder that "
+                                                 "timm.create_model('local-dir:OUT', pretrained=True) loads "
+                                                 "(the layout of a Hugging Face hub repository).")
+    parser.add_argument("run", help="a pretraining run directory, its checkpoint.pt or its model.safetensors")
+    parser.add_argument("out", help="the folder to write (new or empty): config.json + model.safetensors")
+    parser.add_argument("--part", choices=PARTS, default="target_encoder",
+                        help="which network: the EMA target encoder (default: what the paper evaluates), the "
+                             "online encoder, or the predictor")
+    parser.set_defaults(fn=run_export)
+    return parser
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    args = export_parser().parse_args(argv)
+    return exit_code_of(lambda: args.fn(args))
