@@ -11,9 +11,11 @@ that turns bad input into one line and exit code 2.
     python -m engine.eval imagine   --ckpt RUN --image FILE [--out PNG] [--candidates K] [--top T] [--seed S]
     python -m engine.plan RECIPE --gpus N [--gpu-mem GIB] [--gpu h100|a100] [--json PATH]
     python -m engine.export RUN OUT [--part target_encoder|encoder|predictor]
+    python -m engine.data shard IMAGEFOLDER OUT [--samples-per-shard N] [--seed S]
 
 The commands' modules run them from a package ``__main__`` (``engine/eval/__main__.py``,
-``engine/plan/__main__.py``): nothing imported by this file imports it back (tests/test_import_cycles.py).
+``engine/plan/__main__.py``, ``engine/export/__main__.py``, ``engine/data/__main__.py``): nothing imported by
+this file imports it back (tests/test_import_cycles.py).
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     # the DeepSpeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None,
-                   help="ImageNet-style folder of class subfolders (default: the recipe's, often 'embedded')")
+                   help="ImageNet-style folder of class subfolders, or a folder of WebDataset tar shards (python -m "
+                        "engine.data shard) (default: the recipe's, often 'embedded')")
     p.add_argument("--out", default=None, help="run directory (train.out_dir)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (optim.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -548,4 +551,36 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: Optional[List[str]] = None) -> int:
     args = export_parser().parse_args(argv)
+    return exit_code_of(lambda: args.fn(args))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: python -m engine.data shard IMAGEFOLDER OUT
+# ----------------------------------------------------------------------------------------------------
+def run_shard(args) -> dict:
+    from engine.data.shards import write_shards
+
+    index = write_shards(args.folder, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed)
+    print(f"wrote {index['samples']} images of {len(index['classes'])} classes as {len(index['shards'])} shards "
+          f"({sum(s['bytes'] for s in index['shards']) / 2**20:.1f} MiB) to {args.out}; "
+          f"{index['unreadable_left_out']} unreadable images left out. Train on them with --data {args.out}")
+    return index
+
+
+def data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine.data", description="Data tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("shard", help="write an image folder as WebDataset tar shards (KEY.jpg / KEY.png + KEY.cls)")
+    p.add_argument("folder", help="ImageNet-style folder of class subfolders (or a flat folder of images)")
+    p.add_argument("out", help="the folder to write (new or empty): shard-NNNNNN.tar + shards.json")
+    p.add_argument("--samples-per-shard", type=_positive, default=1000,
+                   help="images per shard (1000 ImageNet images are about 110 MiB); each rank reads a run of "
+                        "whole shards (but for one at each end), so several shards per rank keep the reads local")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in")
+    p.set_defaults(fn=run_shard)
+    return parser
+
+
+def data_main(argv: Optional[List[str]] = None) -> int:
+    args = data_parser().parse_args(argv)
     return exit_code_of(lambda: args.fn(args))
