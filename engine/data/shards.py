@@ -76,7 +76,7 @@ def _write_shard(path: str, samples: List[Tuple[str, str, int]]) -> int:
 
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        writer = wds.TarWriter(f, encoder=False, mtime=0)  # an int: no pax header per member
         for key, image_path, label in samples:
             ext, data = _sample_bytes(image_path)
             writer.write({"__key__": key, ext: data, "cls": str(label).encode()})
@@ -132,16 +132,68 @@ def _key_and_ext(name: str) -> Tuple[str, str]:
     return (os.path.join(folder, stem) if folder else stem), ext.lower()
 
 
+def _pax_records(data: bytes) -> Dict[str, str]:
+    """The ``LEN key=value\\n`` records of a pax extended header."""
+    out, i = {}, 0
+    while i < len(data) and data[i:i + 1] != b"\0":
+        space = data.index(b" ", i)
+        length = int(data[i:space])
+        key, _, value = data[space + 1:i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode()
+        i += length
+    return out
+
+
+def _tar_members(path: str) -> List[Tuple[str, int, int]]:
+    """(name, data offset, size) of the regular files of an uncompressed tar, from its 512-byte headers read with
+    ``pread``, pax (``x``) and GNU long-name (``L``) headers applied to the next member (several times faster
+    than ``tarfile``, which parses each header into objects). Base-256 sizes go to ``tarfile``."""
+    out, pending = [], {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, pos = os.fstat(fd).st_size, 0
+        while pos + 512 <= end:
+            hdr = os.pread(fd, 512, pos)
+            if hdr.count(0) == 512:  # the end-of-archive blocks
+                break
+            kind, size_field = hdr[156:157], hdr[124:136]
+            if size_field[0] & 0x80:
+                return _tar_members_slow(path)
+            checksum = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
+            if checksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):  # the checksum field counts as 8 spaces
+                raise tarfile.ReadError(f"bad header checksum at byte {pos}")
+            size = int(size_field.strip(b"\0 ") or b"0", 8)
+            data = pos + 512
+            pos = data + (size + 511) // 512 * 512
+            if kind == b"x":
+                pending.update(_pax_records(os.pread(fd, size, data)))
+            elif kind == b"L":
+                pending["path"] = os.pread(fd, size, data).split(b"\0", 1)[0].decode()
+            elif kind in (b"0", b"\0"):
+                name = hdr[:100].split(b"\0", 1)[0].decode()
+                prefix = hdr[345:500].split(b"\0", 1)[0].decode() if hdr[257:262] == b"ustar" else ""
+                name = pending.get("path", f"{prefix}/{name}" if prefix else name)
+                out.append((name, data, int(pending.get("size", size))))
+            if kind not in (b"x", b"L", b"g"):
+                pending = {}
+    finally:
+        os.close(fd)
+    return out
+
+
+def _tar_members_slow(path: str) -> List[Tuple[str, int, int]]:
+    with tarfile.open(path, mode="r:") as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
 def scan_shard(path: str) -> List[Tuple[str, int, int, int, int]]:
     """The samples of one tar in order: (key, image offset, image bytes, label offset, label bytes)."""
-    members: Dict[str, Dict[str, tarfile.TarInfo]] = {}
+    members: Dict[str, Dict[str, Tuple[int, int]]] = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
-                if m.isfile():
-                    key, ext = _key_and_ext(m.name)
-                    members.setdefault(key, {})[ext] = m
-    except (tarfile.TarError, OSError) as e:
+        for name, offset, size in _tar_members(path):
+            key, ext = _key_and_ext(name)
+            members.setdefault(key, {})[ext] = (offset, size)
+    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read shard {path} ({type(e).__name__}: {e}): it is not an uncompressed tar or it "
                         f"is truncated; rewrite it (python -m engine.data shard IMAGEFOLDER OUT)") from None
     out = []
@@ -150,7 +202,7 @@ def scan_shard(path: str) -> List[Tuple[str, int, int, int, int]]:
         if image is None or "cls" not in parts:
             raise DataError(f"shard {path}: sample {key!r} has {sorted(parts)}; the layout is KEY.jpg (or KEY.png) "
                             f"with KEY.cls: rewrite the shards with python -m engine.data shard")
-        out.append((key, image.offset_data, image.size, parts["cls"].offset_data, parts["cls"].size))
+        out.append((key, *image, *parts["cls"]))
     return out
 
 

@@ -18,9 +18,12 @@ names, written by timm's own ``save_for_hf``; the one difference is where the in
 architecture this module registers with timm: ``import engine.export`` first, then the same call loads it
 (its forward takes packed context tokens, masks and actions: it is for this engine's code, not a backbone).
 
-Pushing to the hub is then one call (network access and a token needed; nothing in the tests does it)::
+Pushing to the hub is then one upload of the folder as it is (network access and a token needed; nothing
+in the tests does it)::
 
-    huggingface_hub.HfApi().upload_folder(repo_id="USER/iwm-vitb16", folder_path="OUT", repo_type="model")
+    api = huggingface_hub.HfApi()
+    api.create_repo("USER/iwm-vitb16", exist_ok=True)  # once
+    api.upload_folder(repo_id="USER/iwm-vitb16", folder_path="OUT")
 
 after which ``timm.create_model("hf-hub:USER/iwm-vitb16", pretrained=True)`` loads it anywhere.
 """

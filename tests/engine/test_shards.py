@@ -14,7 +14,7 @@ from PIL import Image
 from engine.cli import data_main
 from engine.config import DataConfig, ViewConfig
 from engine.data import DataError, ImageFolderDataset, SharedCrop, build_dataset, build_loader
-from engine.data.shards import ShardDataset, ShardSampler
+from engine.data.shards import ShardDataset, ShardSampler, scan_shard
 from tests.engine.test_train import TINY, tiny_config
 
 CLASSES = ("cat", "dog", "eel")
@@ -93,6 +93,31 @@ def test_shards_without_an_index_are_read_from_their_headers(shards, tmp_path):
     ds, ref = ShardDataset(str(foreign)), ShardDataset(str(shards))
     assert ds.shard_sizes == ref.shard_sizes and ds.classes == ["0", "1", "2"]
     assert all(ds[i][1] == ref[i][1] for i in range(len(ds)))
+
+
+def test_tar_headers_are_read_as_tarfile_reads_them(shards, tmp_path):
+    import tarfile
+
+    from engine.data.shards import _tar_members
+
+    def reference(path):
+        with tarfile.open(path) as tar:
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+    for p in sorted(shards.glob("*.tar")):
+        assert _tar_members(str(p)) == reference(p)
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):  # long names: extension headers
+        path = tmp_path / f"long_{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name in ("a" * 40 + "/" + "b" * 90 + ".cls", "short.cls", "dir/" + "x" * 95 + ".jpg"):
+                data = name.encode()[:7]
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        assert _tar_members(str(path)) == reference(path)
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(DataError, match="not an uncompressed tar"):
+        scan_shard(str(tmp_path / "junk.tar"))
 
 
 def rank_indices(ds, epoch, world):
