@@ -168,7 +168,8 @@ def loader_table(quick: bool, workers) -> list:
 def workers_per_gpu(rows: list) -> list:
     """Loader workers per GPU that keep up with the predicted step: img/s per GPU / img/s per worker (a worker
     is one core; the per-core rate is the median over the worker counts measured)."""
-    from engine.plan import load_recipe, plan
+    from engine.config import load_recipe
+    from engine.plan import plan
 
     per_core = {src: statistics.median(r["img_per_s_per_core"] for r in rows if r["source"] == src and r["workers"])
                 for src in ("imagefolder", "shards")}

@@ -434,8 +434,9 @@ def build_dataset(data_cfg: DataConfig, view_cfg: ViewConfig, split: str = "trai
 
 
 class ImageDataset(Protocol):
-    """What the run core asks of a training set (:class:`EmbeddedShapes`, :class:`ImageFolderDataset`, and
-    :class:`SeededCrops` around either): (uint8 image, label) items, and a check + a one-line summary."""
+    """What the run core asks of a training set (:class:`EmbeddedShapes`, :class:`ImageFolderDataset`,
+    :class:`~engine.data.shards.ShardDataset`, and :class:`SeededCrops` around any of them): (uint8 image, label)
+    items, and a check + a one-line summary."""
 
     classes: List[str]
 

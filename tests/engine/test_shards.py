@@ -183,12 +183,12 @@ def test_pretraining_on_shards_resumes_bit_exactly(shards, tmp_path, monkeypatch
     """A run stopped after its step-2 checkpoint and rerun ends with the uninterrupted run's losses and weights
     (one loader worker: the shard stream is resumed in the worker, crops included)."""
     from engine import run as run_lib
-    from engine.train import train
+    from engine.pretrain import pretrain
 
     extra = [f"data.dataset='{shards}'", "data.batch_size=4", "data.num_workers=1", "data.img_size=32",
              "train.ckpt_every=2", "train.log_every=1", "train.eval_every=0"]
     assert "data.batch_size=16" in TINY
-    ref = train(tiny_config(tmp_path / "ref", 5, extra))
+    ref = pretrain(tiny_config(tmp_path / "ref", 5, extra))
 
     real = run_lib.Run.optimizer_step
 
@@ -199,9 +199,9 @@ def test_pretraining_on_shards_resumes_bit_exactly(shards, tmp_path, monkeypatch
 
     monkeypatch.setattr(run_lib.Run, "optimizer_step", stop_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "cut", 5, extra))
+        pretrain(tiny_config(tmp_path / "cut", 5, extra))
     monkeypatch.setattr(run_lib.Run, "optimizer_step", real)
-    again = train(tiny_config(tmp_path / "cut", 5, extra))
+    again = pretrain(tiny_config(tmp_path / "cut", 5, extra))
     assert again.final_loss == ref.final_loss and again.step == ref.step == 5
     a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
