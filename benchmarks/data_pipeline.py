@@ -70,7 +70,7 @@ def time_per_batch(fn, iters: int, repeats: int):
     return min(runs), statistics.median(runs)
 
 
-def run(quick: bool, out, part: str = "all", workers=(1, 2, 4)) -> dict:
+def run(quick: bool, out, part: str = "all", workers=(1, 2, 4), images: int = 0) -> dict:
     torch.set_num_threads(1)
     result = {}
     if part != "all" and out and os.path.isfile(out):  # one part rerun: keep the other part's figures
@@ -84,7 +84,7 @@ def run(quick: bool, out, part: str = "all", workers=(1, 2, 4)) -> dict:
             rows += table(quick, "mallopt")
         result["rows"] = rows
     if part in ("all", "loader"):
-        result["loader"] = loader_table(quick, workers)
+        result["loader"] = loader_table(quick, workers, images)
         result["workers_per_gpu"] = workers_per_gpu(result["loader"])
     import kernels_table as kt
 
@@ -140,10 +140,10 @@ def time_loader(path: str, workers: int) -> dict:
     return dict(images=images, wall_s=wall, cpu_s=cpu, img_per_s=images / wall, img_per_s_per_core=images / cpu)
 
 
-def loader_table(quick: bool, workers) -> list:
+def loader_table(quick: bool, workers, images: int = 0) -> list:
     from engine.data.shards import write_shards
 
-    n = 256 if quick else 1024
+    n = images or (256 if quick else 1024)
     tmp = tempfile.mkdtemp(prefix="data_pipeline_")
     try:
         folder, shards = os.path.join(tmp, "folder"), os.path.join(tmp, "shards")
@@ -222,8 +222,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and images (under a minute)")
     ap.add_argument("--part", choices=("all", "loader", "views"), default="all")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="loader worker counts to time")
+    ap.add_argument("--images", type=int, default=0, help="synthetic images for the loader (default 1024, quick 256)")
     args = ap.parse_args(argv)
-    run(args.quick, args.out, args.part, tuple(args.workers))
+    run(args.quick, args.out, args.part, tuple(args.workers), args.images)
 
 
 if __name__ == "__main__":

@@ -568,7 +568,7 @@ def run_shard(args) -> dict:
 
 
 def data_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine.data", description="Data tools.")
+    parser = OneLineParser(prog="python -m engine.data", description="Data tools.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("shard", help="write an image folder as WebDataset tar shards (KEY.jpg / KEY.png + KEY.cls)")
     p.add_argument("folder", help="ImageNet-style folder of class subfolders (or a flat folder of images)")
