@@ -6,6 +6,7 @@ Layout of a run directory::
       .lock                one run per folder: an fcntl lock held by the running job (its PID inside)
       config.json          the run's full config (written once the run has proved it can start)
       checkpoint.pt        encoder, predictor, target encoder, config, step: what eval / finetuning load
+      model.safetensors    the same payload as safetensors (metadata: config, step, ...): loads the same way
       ds/<tag>/            DeepSpeed engine state (model + ZeRO-partitioned optimizer), one per save,
                            rng_rank_<r>.pt (every random stream of rank r) and manifest.json (written last)
       ds/latest            the newest complete tag (for people and DeepSpeed tools; resume trusts manifests)
@@ -92,36 +93,94 @@ def weights_payload(*, config: dict, step: int, encoder, predictor, target_encod
             "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
 
 
+SAFETENSORS = "model.safetensors"
+_META_KEYS = ("format", "kind", "config", "step")
+
+
 def write_weights(path: str, payload: dict) -> None:
-    """``checkpoint.pt`` and, beside it, ``model.safetensors`` (the same tensors, prefixed by part, with the
-    config and step as JSON metadata) for tools that read safetensors."""
+    """``checkpoint.pt`` and, beside it, ``model.safetensors``: the same tensors, prefixed by part
+    (``target_encoder.vit.blocks.0.attn.qkv.weight``), with every other field (config, step, kind, metrics,
+    classes, protocol) as JSON metadata, so that either file loads the same payload (:func:`load_weights`)."""
     from safetensors.torch import save_file
 
     atomic_save(payload, path)
     tensors = {f"{part}.{k}": v.contiguous() for part, sd in payload.items() if isinstance(sd, dict)
                for k, v in sd.items() if torch.is_tensor(v)}
+    parts = sorted({part for part, sd in payload.items() if isinstance(sd, dict) and part != "config"
+                    and any(torch.is_tensor(v) for v in sd.values())})
     meta = {"format": FORMAT, "kind": str(payload.get("kind", "pretrain")), "config": json.dumps(payload["config"]),
-            "step": str(payload["step"])}
-    atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), "model.safetensors"),
+            "step": str(payload["step"]), "parts": json.dumps(parts),
+            "fields": json.dumps({k: v for k, v in payload.items() if k not in _META_KEYS and k not in parts})}
+    atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), SAFETENSORS),
                  lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def resolve_checkpoint(path: str) -> str:
-    """Accept a weights file or a run directory holding ``checkpoint.pt``."""
+    """Accept a weights file (``checkpoint.pt``, ``best.pt`` or ``model.safetensors``) or a run directory
+    holding ``checkpoint.pt`` (or only ``model.safetensors``)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist: pass the run's checkpoint.pt or its "
                               f"out_dir (e.g. runs/pretrain_tiny/checkpoint.pt)")
     if os.path.isdir(path):
-        cand = os.path.join(path, "checkpoint.pt")
-        if not os.path.isfile(cand):
-            raise CheckpointError(f"{path!r} is a folder without checkpoint.pt: pass a run directory written by "
-                                  f"the trainer, or the .pt file itself")
-        return cand
+        for name in ("checkpoint.pt", SAFETENSORS):
+            cand = os.path.join(path, name)
+            if os.path.isfile(cand):
+                return cand
+        raise CheckpointError(f"{path!r} is a folder without checkpoint.pt or {SAFETENSORS}: pass a run directory "
+                              f"written by the trainer, or the weights file itself")
     return path
 
 
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file starts with its header length (8 bytes, little endian) and then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def load_safetensors_weights(path: str) -> Dict[str, Any]:
+    """The payload of a run's ``model.safetensors`` (what :func:`write_weights` put there), in the same form as
+    ``checkpoint.pt``: ``{"format", "kind", "config", "step", <part>: {name: tensor}, ...}``. Reading a
+    safetensors file runs no code. The one loader of that file: eval, finetuning and warm starts call it
+    through :func:`load_weights`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names} if meta.get("format") == FORMAT else {}
+    except Exception as e:  # a truncated or foreign file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read {path!r} as safetensors ({type(e).__name__}: {first}); it is corrupt or "
+                              f"not a safetensors file: pass the run's checkpoint.pt or model.safetensors") from None
+    if meta.get("format") != FORMAT:
+        what = ("weights exported for timm (python -m engine.export): load them with "
+                "timm.create_model('local-dir:FOLDER', pretrained=True)"
+                if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")) and
+                not meta else "a safetensors file from elsewhere")
+        raise CheckpointError(f"{path!r} is not an IWM checkpoint (no '{FORMAT}' marker in its metadata; it looks like "
+                              f"{what}): pass the model.safetensors or checkpoint.pt a training run wrote")
+    try:
+        payload = {"format": FORMAT, "config": json.loads(meta["config"]), "step": int(meta["step"])}
+        if meta.get("kind", "pretrain") != "pretrain":
+            payload["kind"] = meta["kind"]
+        payload.update(json.loads(meta.get("fields", "{}")))
+        parts = json.loads(meta["parts"]) if "parts" in meta else sorted({n.split(".", 1)[0] for n in names})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path!r}: its metadata is incomplete ({type(e).__name__}: {e}): pass the run's "
+                              f"checkpoint.pt instead") from None
+    for part in parts:
+        payload[part] = {n[len(part) + 1:]: t for n, t in tensors.items() if n.startswith(part + ".")}
+    return payload
+
+
 def load_weights(path: str, map_location="cpu") -> Dict[str, Any]:
+    """A run's weights as one payload, from ``checkpoint.pt`` / ``best.pt``, ``model.safetensors`` or the run
+    directory; never runs code from the file."""
     path = resolve_checkpoint(path)
+    if _is_safetensors(path):
+        return load_safetensors_weights(path)
     try:
         ckpt = safe_load(path, map_location)
     except Exception as e:  # truncated, not a torch file, or a pickle that wants to run code
@@ -130,7 +189,7 @@ def load_weights(path: str, map_location="cpu") -> Dict[str, Any]:
                               f"an IWM checkpoint, it is corrupt, or it holds code (never loaded)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an IWM checkpoint (no '{FORMAT}' marker): pass the "
-                              f"checkpoint.pt written by recipes/pretrain_*.py")
+                              f"checkpoint.pt (or model.safetensors) written by recipes/pretrain_*.py")
     return ckpt
 
 

@@ -10,9 +10,12 @@ that turns bad input into one line and exit code 2.
     python -m engine.eval report    RUN [RUN ...]
     python -m engine.eval imagine   --ckpt RUN --image FILE [--out PNG] [--candidates K] [--top T] [--seed S]
     python -m engine.plan RECIPE --gpus N [--gpu-mem GIB] [--gpu h100|a100] [--json PATH]
+    python -m engine.export RUN OUT [--part target_encoder|encoder|predictor]
+    python -m engine.data shard IMAGEFOLDER OUT [--samples-per-shard N] [--seed S]
 
 The commands' modules run them from a package ``__main__`` (``engine/eval/__main__.py``,
-``engine/plan/__main__.py``): nothing imported by this file imports it back (tests/test_import_cycles.py).
+``engine/plan/__main__.py``, ``engine/export/__main__.py``, ``engine/data/__main__.py``): nothing imported by
+this file imports it back (tests/test_import_cycles.py).
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     # the DeepSpeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None,
-                   help="ImageNet-style folder of class subfolders (default: the recipe's, often 'embedded')")
+                   help="ImageNet-style folder of class subfolders, or a folder of WebDataset tar shards (python -m "
+                        "engine.data shard) (default: the recipe's, often 'embedded')")
     p.add_argument("--out", default=None, help="run directory (train.out_dir)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (optim.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -374,7 +378,7 @@ def _parent(*adders: Callable[[argparse.ArgumentParser], None]) -> argparse.Argu
     return parent
 
 
-def _ckpt_args(p, what: str = "checkpoint.pt or a run directory") -> None:
+def _ckpt_args(p, what: str = "checkpoint.pt, model.safetensors or a run directory") -> None:
     p.add_argument("--ckpt", required=True, help=what)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -514,3 +518,69 @@ def plan_main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {args.json}")
 
     return exit_code_of(run)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: python -m engine.export RUN OUT [--part ...]
+# ----------------------------------------------------------------------------------------------------
+def run_export(args) -> str:
+    from engine.export import export
+
+    name = export(args.run, args.out, args.part)
+    print(f"wrote {args.part} of {args.run} to {args.out} (config.json + model.safetensors); load it with "
+          f"timm.create_model({name!r}, pretrained=True)"
+          + ("  (after `import engine.export`, which registers iwm_predictor)" if args.part == "predictor" else ""))
+    return name
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from engine.export import PARTS
+
+    parser = OneLineParser(prog="python -m engine.export",
+                                     description="Write a run's encoder (or predictor) as a folder that "
+                                                 "timm.create_model('local-dir:OUT', pretrained=True) loads "
+                                                 "(the layout of a Hugging Face hub repository).")
+    parser.add_argument("run", help="a pretraining run directory, its checkpoint.pt or its model.safetensors")
+    parser.add_argument("out", help="the folder to write (new or empty): config.json + model.safetensors")
+    parser.add_argument("--part", choices=PARTS, default="target_encoder",
+                        help="which network: the EMA target encoder (default: what the paper evaluates), the "
+                             "online encoder, or the predictor")
+    parser.set_defaults(fn=run_export)
+    return parser
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    args = export_parser().parse_args(argv)
+    return exit_code_of(lambda: args.fn(args))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: python -m engine.data shard IMAGEFOLDER OUT
+# ----------------------------------------------------------------------------------------------------
+def run_shard(args) -> dict:
+    from engine.data.shards import write_shards
+
+    index = write_shards(args.folder, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed)
+    print(f"wrote {index['samples']} images of {len(index['classes'])} classes as {len(index['shards'])} shards "
+          f"({sum(s['bytes'] for s in index['shards']) / 2**20:.1f} MiB) to {args.out}; "
+          f"{index['unreadable_left_out']} unreadable images left out. Train on them with --data {args.out}")
+    return index
+
+
+def data_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m engine.data", description="Data tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("shard", help="write an image folder as WebDataset tar shards (KEY.jpg / KEY.png + KEY.cls)")
+    p.add_argument("folder", help="ImageNet-style folder of class subfolders (or a flat folder of images)")
+    p.add_argument("out", help="the folder to write (new or empty): shard-NNNNNN.tar + shards.json")
+    p.add_argument("--samples-per-shard", type=_positive, default=1000,
+                   help="images per shard (1000 ImageNet images are about 110 MiB); each rank reads a run of "
+                        "whole shards (but for one at each end), so several shards per rank keep the reads local")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in")
+    p.set_defaults(fn=run_shard)
+    return parser
+
+
+def data_main(argv: Optional[List[str]] = None) -> int:
+    args = data_parser().parse_args(argv)
+    return exit_code_of(lambda: args.fn(args))

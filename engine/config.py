@@ -91,7 +91,8 @@ def strong_jitter() -> ViewConfig:
 @dataclass
 class DataConfig:
     # 'embedded' = the procedurally generated default set (no download); otherwise an ImageFolder path
-    # (class subfolders, as ImageNet's train/ layout).
+    # (class subfolders, as ImageNet's train/ layout) or a folder of WebDataset tar shards (KEY.jpg / KEY.png +
+    # KEY.cls; written by `python -m engine.data shard`), each rank reading whole shards.
     dataset: str = "embedded"
     img_size: int = 224
     batch_size: int = 128  # per rank

@@ -1,6 +1,6 @@
 """Photometric views with a recorded action: the target view y, the source view x = F_x(y) and a_{x->y}.
 
-The loader applies the geometry shared by both views (random resized crop + flip, ``engine/data.py``).
+The loader applies the geometry shared by both views (random resized crop + flip, ``engine/data/``).
 Here, on the training device and vectorised over the batch, the views are composed as the method does
 (``docs/method.md``, "Views and the action"): the target is drawn first and the source is derived from it.
 

@@ -57,3 +57,42 @@ def test_finetune_recipes_name_their_protocols():
     assert p.protocol == "predictor" and p.predictor_init == "pretrained" and p.predictor_lr_scale == 0.1
     assert load("finetune_predictor_random").finetune.predictor_init == "random"
     assert load("finetune_e2e").finetune.protocol == "end_to_end"
+
+
+# the paper's global batch per pretraining recipe (docs/method.md "Optimisation"); the CPU demo states its own
+PUBLISHED_GLOBAL_BATCH = {"pretrain_vitb_inv": 2048, "pretrain_vitb_equi": 2048, "pretrain_vitl_equi": 2048,
+                          "pretrain_vith": 2048, "pretrain_tiny": 32}
+
+
+def launch_lines(name):
+    """The GPU counts the recipe's docstring launches it on: (line, ranks) for each `deepspeed` / `python` line."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "recipes", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = []
+    for line in (mod.__doc__ or "").splitlines():
+        words = line.split()
+        if not words or words[0] not in ("deepspeed", "python") or f"recipes/{name}.py" not in words or \
+                "--smoke" in words or "--set" in words:
+            continue
+        value = lambda flag, default: int(words[words.index(flag) + 1]) if flag in words else default  # noqa: E731
+        out.append((line.strip(), value("--num_gpus", 1) * value("--num_nodes", 1) if words[0] == "deepspeed" else 1))
+    return out
+
+
+def test_every_pretraining_recipe_is_listed_with_its_published_batch():
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "recipes")) if f.startswith("pretrain_"))
+    assert names == sorted(PUBLISHED_GLOBAL_BATCH)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GLOBAL_BATCH))
+def test_every_launch_in_a_recipes_docstring_trains_at_its_published_global_batch(name):
+    from engine.run import deepspeed_config
+
+    cfg = load(name)
+    launches = launch_lines(name) if name != "pretrain_tiny" else [(ln, r) for ln, r in launch_lines(name) if r == 1]
+    assert launches, f"{name}: no launch line in its docstring"
+    for line, ranks in launches:
+        ds = deepspeed_config(cfg, ranks)  # what DeepSpeed is given
+        micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+        assert micro * ranks * accum == ds["train_batch_size"] == PUBLISHED_GLOBAL_BATCH[name], line

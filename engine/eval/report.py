@@ -27,7 +27,7 @@ COLUMNS = [("encoder FT", "encoder"), ("frozen enc + random pred", "predictor/ra
 
 def _source_run(path: str) -> str:
     path = os.path.abspath(path)
-    return os.path.dirname(path) if path.endswith(".pt") else path
+    return os.path.dirname(path) if path.endswith((".pt", ".safetensors")) else path
 
 
 def report_table(runs: List[str]) -> str:

@@ -1,4 +1,7 @@
-"""Data: the embedded shapes set (no download), ImageNet-style folders, the shared crop, the loader.
+"""Data: the embedded shapes set (no download), ImageNet-style folders, WebDataset tar shards
+(``engine/data/shards.py``), the shared crop, the loader.
+
+    python -m engine.data shard IMAGEFOLDER OUT [--samples-per-shard N]   # an image folder as tar shards
 
 Every dataset yields ``(image, label)``; with the transforms here the image is a uint8 tensor
 [3, H, W] and the photometric part of the views is applied later, batched on the training device
@@ -423,12 +426,17 @@ def build_dataset(data_cfg: DataConfig, view_cfg: ViewConfig, split: str = "trai
         per_class = data_cfg.embedded_per_class if split == "train" else max(1, data_cfg.embedded_per_class // 4)
         return EmbeddedShapes(num_classes=data_cfg.embedded_classes, per_class=per_class,
                               size=data_cfg.embedded_native_size, split=split, transform=transform)
+    from engine.data.shards import ShardDataset, is_shard_folder
+
+    if is_shard_folder(source):  # WebDataset tar shards (python -m engine.data shard)
+        return ShardDataset(source, transform=transform)
     return ImageFolderDataset(source, transform=transform)
 
 
 class ImageDataset(Protocol):
-    """What the run core asks of a training set (:class:`EmbeddedShapes`, :class:`ImageFolderDataset`, and
-    :class:`SeededCrops` around either): (uint8 image, label) items, and a check + a one-line summary."""
+    """What the run core asks of a training set (:class:`EmbeddedShapes`, :class:`ImageFolderDataset`,
+    :class:`~engine.data.shards.ShardDataset`, and :class:`SeededCrops` around any of them): (uint8 image, label)
+    items, and a check + a one-line summary."""
 
     classes: List[str]
 
@@ -458,8 +466,12 @@ class ResumableSampler(DistributedSampler):
         """Leave out the first `n` batches of the next epoch only."""
         self._skip = n * self.batch_size
 
+    def epoch_indices(self) -> List[int]:
+        """This rank's indices for the current epoch (DistributedSampler's split; shards: ``ShardSampler``)."""
+        return list(super().__iter__())
+
     def __iter__(self):
-        indices = list(super().__iter__())[self._skip:]
+        indices = self.epoch_indices()[self._skip:]
         self._skip = 0
         if self.with_epoch:
             return iter([(i, self.epoch) for i in indices])
@@ -504,7 +516,8 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
                  seeded_crops: bool = False) -> DataLoader:
     """A DataLoader over this rank's shard.
 
-    Always a :class:`ResumableSampler` (a DistributedSampler, also for world_size=1), seeded with ``seed``: call
+    Always a :class:`ResumableSampler` (a DistributedSampler, also for world_size=1; over tar shards its
+    :class:`~engine.data.shards.ShardSampler`, which deals whole shards to ranks), seeded with ``seed``: call
     ``loader.sampler.set_epoch(epoch)`` each epoch for a new, reproducible shuffle. Ranks get disjoint
     index sets (padded by repetition to equal length unless drop_last). Worker RNGs (the random crops)
     derive from ``seed`` and ``rank``; with num_workers=0 the crops use the main process's torch RNG.
@@ -516,8 +529,11 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
         raise DataError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}: must be positive")
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                               drop_last=drop_last, batch_size=batch_size, with_epoch=seeded_crops)
+    from engine.data.shards import ShardDataset, ShardSampler
+
+    kind = ShardSampler if isinstance(dataset, ShardDataset) else ResumableSampler  # shards: whole shards per rank
+    sampler = kind(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                   drop_last=drop_last, batch_size=batch_size, with_epoch=seeded_crops)
     if seeded_crops:
         dataset = SeededCrops(dataset, seed)
     if drop_last and len(sampler) < batch_size:
