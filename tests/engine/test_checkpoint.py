@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.checkpoint import FORMAT, CheckpointError, RunDir, load_weights
-from tests.engine.test_train import ROOT, read_metrics, tiny_config
+from tests.helpers import ROOT, read_metrics, tiny_config
 
 STEPS = 8
 

@@ -9,7 +9,7 @@ import engine.pretrain as P
 from engine.ema import TargetEncoder
 from engine.models import Encoder, Predictor
 from engine.run import param_groups
-from tests.engine.test_train import tiny_config
+from tests.helpers import tiny_config
 
 STEPS, WARMUP = 6, 2  # 160 images / batch 16 = 10 steps per epoch; warmup_epochs 0.2 -> 2 steps
 
@@ -118,7 +118,7 @@ def test_decay_group_holds_matrices_and_no_decay_group_biases_and_norms(spied_ru
 
 
 def test_param_groups_membership_by_name():
-    from tests.engine.test_models import tiny_cfg
+    from tests.helpers import tiny_cfg
     from engine.models import IWM
 
     model = IWM(tiny_cfg())
