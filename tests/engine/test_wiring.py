@@ -4,13 +4,13 @@ the optimizer step produced, the loss is the one at the target positions; and, o
 DeepSpeed launcher, gradient accumulation to ``optim.global_batch``."""
 import json
 import math
-import os
 import subprocess
 
 import pytest
 import torch
 
 import engine.pretrain as P
+from engine.distributed import free_port
 from engine.ema import TargetEncoder
 from engine.models import IWM, Encoder, Predictor
 from engine.run import Run, param_groups
@@ -218,7 +218,7 @@ RANKS, MICRO, GLOBAL, ACC_STEPS = 2, 8, 32, 2
 def test_accumulation_on_two_ranks_reaches_the_global_batch(tmp_path):
     """optim.global_batch on two ranks under the DeepSpeed launcher: DeepSpeed's accumulation and batch, and the
     forward passes each optimizer step runs on each rank, against global_batch / (ranks x batch)."""
-    port = 29650 + os.getpid() % 97
+    port = free_port()  # not a fixed range: other launches on this host must not share its rendezvous
     cmd = [deepspeed_launcher(), "--num_gpus", str(RANKS), "--master_port", str(port),
            "tests/engine/wiring_ranks.py", str(tmp_path / "run"), str(ACC_STEPS),
            f"data.batch_size={MICRO}", f"optim.global_batch={GLOBAL}", "train.eval_every=0", "train.log_every=1"]
