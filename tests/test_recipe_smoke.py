@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import shm_buffers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["pretrain_tiny", "pretrain_vitb_inv", "pretrain_vitb_equi", "pretrain_vitl_equi", "pretrain_vith"]
 FINETUNE = ["finetune_encoder", "finetune_predictor", "finetune_predictor_random", "finetune_e2e"]
@@ -18,13 +20,6 @@ def launch(recipe, *args, port):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
            str(port + os.getpid() % 89), f"recipes/{recipe}.py", "--smoke", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def shm_buffers(port):
-    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the launch on ``port`` (66 MB of RAM per rank)."""
-    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
-    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return [n for n in names if n.startswith(prefix) and n[len(prefix):].rsplit("_", 2)[1:2] == [str(port)]]
 
 
 @pytest.fixture(scope="module")

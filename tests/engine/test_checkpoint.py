@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.checkpoint import FORMAT, CheckpointError, RunDir, load_weights
-from tests.engine.test_train import ROOT, read_metrics, tiny_config
+from tests.helpers import ROOT, read_metrics, tiny_config
 
 STEPS = 8
 
@@ -151,6 +151,8 @@ def test_a_second_run_into_a_locked_folder_stops_naming_the_holder(tmp_path):
 # ---- 5. every failure a message --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path, monkeypatch):
+    """Checkpoints every 2 steps, logs every 3: a NaN loss at step 4 (a checkpoint step, not a log step, right
+    after the step-3 log) must stop the run there, before step 4's checkpoint is written."""
     import engine.pretrain as P
     from engine.run import TrainingDiverged
     from engine.pretrain import pretrain
@@ -161,14 +163,17 @@ def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path, monkeypatc
     def diverging(*a, **k):
         calls.append(1)
         loss = real(*a, **k)
-        return loss * float("nan") if len(calls) >= 3 else loss
+        return loss * float("nan") if len(calls) == 4 else loss  # step 4 only: the meters must remember it
 
     monkeypatch.setattr(P, "iwm_loss", diverging)
     out = tmp_path / "nan"
-    with pytest.raises(TrainingDiverged, match=r"last checkpoint, step 2 .*lower learning rate"):
-        pretrain(tiny_config(out, 6, ["train.ckpt_every=2", "train.log_every=2", "train.eval_every=0"]))
+    with pytest.raises(TrainingDiverged, match=r"between step 4 and step 4; the last checkpoint, step 2 .*lower "
+                                               r"learning rate"):
+        pretrain(tiny_config(out, 6, ["train.ckpt_every=2", "train.log_every=3", "train.eval_every=0"]))
+    assert len(calls) == 4, "the run stops at the step whose loss was not finite"
     assert RunDir(str(out)).tags() == ["step_00000002"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert [int(float(r["step"])) for r in read_metrics(out) if r.get("loss")] == [3]
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_mrr_of_an_unconditioned_predictor_is_exactly_chance():
     from engine.eval import mean_reciprocal_rank
     from engine.ema import TargetEncoder
     from engine.models import IWM
-    from tests.engine.test_models import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     cfg = tiny_cfg("none")
     cfg.eval.mrr_candidates = 40  # not a multiple of the chunk below
@@ -95,7 +95,7 @@ class OracleSetup:
         import engine.eval as E
         from engine.ema import TargetEncoder
         from engine.models import IWM
-        from tests.engine.test_models import tiny_cfg
+        from tests.helpers import tiny_cfg
 
         self.E, self.cfg = E, tiny_cfg("feature")
         self.cfg.eval.mrr_candidates = candidates

@@ -16,7 +16,7 @@ from engine.config import IWMConfig
 from engine.export import export
 from engine.masks import MaskSampler
 from engine.models import IWM, Encoder
-from tests.engine.test_train import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet's, written out (not read from timm)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -1,5 +1,6 @@
 """Finetuning building blocks against plain references: per-sample stochastic depth on packed batches, the
 attentive head, the all-visible/all-predicted mask, layer-wise LR decay, the config section."""
+import dataclasses
 import math
 
 import pytest
@@ -231,3 +232,79 @@ def test_topk_counts():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 1])
     assert topk_correct(logits, labels, ks=(1, 2)) == {1: 1, 2: 2}
+
+
+# ---- what the protocols feed the networks ------------------------------------------------------------------
+# The identity action written out from the action's layout (engine/views.py's module docstring): the inverse
+# of "no jitter" has factors 1 and hue 0, and under jitter_order='random' it runs the canonical order reversed
+# (hue first, then saturation, contrast, brightness: ranks 3/3, 2/3, 1/3, 0/3 for brightness, contrast,
+# saturation, hue); no destructive op (blur, blur sigma, grayscale, solarize all 0).
+IDENTITY = {"random": [1.0, 1.0, 1.0, 0.0, 1.0, 2 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0, 0.0],
+            "fixed": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]}
+
+
+@pytest.mark.parametrize("protocol", ["predictor", "end_to_end"])
+@pytest.mark.parametrize("order", ["random", "fixed"])
+def test_the_predictor_protocols_feed_the_identity_action(monkeypatch, protocol, order):
+    import contextlib
+
+    from engine.finetune import Finetuning
+    from engine.models import Predictor
+    from engine.views import make_views
+
+    cfg = tiny_finetune_cfg(protocol)
+    cfg.views.jitter_order = order
+    task = Finetuning(cfg, torch.device("cpu"))
+    fed, real = [], Predictor.forward
+    monkeypatch.setattr(Predictor, "forward", lambda self, ctx, masks, action: fed.append(action.clone())
+                        or real(self, ctx, masks, action))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    task.step(task.model, images, torch.tensor([0, 1, 2, 3]), contextlib.nullcontext)  # the training step's path
+    assert len(fed) == 1
+    want = torch.tensor(IDENTITY[order]).expand(4, -1)
+    torch.testing.assert_close(fed[0], want, rtol=0, atol=1e-7)
+    # the same vector is the action of views where nothing was applied (every probability 0: x = y)
+    still = dataclasses.replace(cfg.views, jitter_p=0.0, blur_p=0.0, grayscale_p=0.0, solarize_p=0.0)
+    source, target, action, _, _ = make_views(images, still, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(source, target)
+    torch.testing.assert_close(action, want, rtol=0, atol=1e-7)
+
+
+def _source_checkpoint(path, cfg, seed):
+    """A pretraining checkpoint of ``cfg``'s network drawn under ``seed`` (target encoder != encoder)."""
+    from engine import checkpoint as ckpt_lib
+    from engine.models import IWM, Encoder
+
+    torch.manual_seed(seed)
+    model, target = IWM(cfg), Encoder(cfg)
+    ckpt_lib.save_weights(str(path), config=cfg.to_dict(), step=7, encoder=model.encoder, predictor=model.predictor,
+                          target_encoder=target)
+    return ckpt_lib.load_weights(str(path))
+
+
+def _equal(state, module):
+    return {k: torch.equal(v, state[k]) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("init", ["random", "pretrained"])
+def test_the_control_predictor_starts_from_random_weights(tmp_path, init):
+    """finetune.predictor_init='random' with a pretrained checkpoint: the predictor is a fresh draw under the run's
+    seed, not the checkpoint's (every randomly initialised tensor differs from it), and the encoder is still the
+    checkpoint's (target) encoder. 'pretrained' loads both (the contrast that shows the check can tell)."""
+    from engine.finetune import Finetuning, build_model, load_source
+
+    saved = _source_checkpoint(tmp_path / "checkpoint.pt", tiny_finetune_cfg("predictor"), seed=123)
+    cfg = tiny_finetune_cfg("predictor", predictor_init=init, checkpoint=str(tmp_path / "checkpoint.pt"))
+    task = Finetuning(cfg, torch.device("cpu"), 0, load_source(cfg))
+    assert all(_equal(saved["target_encoder"], task.model.encoder).values()), "the encoder is loaded"
+    assert not all(_equal(saved["encoder"], task.model.encoder).values()), "finetune.encoder_weights='target'"
+    same = _equal(saved["predictor"], task.model.predictor)
+    if init == "pretrained":
+        assert all(same.values())
+        return
+    drawn = [k for k, v in task.model.predictor.state_dict().items() if v.dim() >= 2 and v.std() > 0
+             and "pos_embed" not in k]  # the randomly initialised matrices (not the fixed sin-cos positions)
+    assert drawn and not any(same[k] for k in drawn), [k for k in drawn if same[k]]
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_model(cfg, None, len(task.classes))
+    assert all(_equal(fresh.predictor.state_dict(), task.model.predictor).values()), "a fresh draw under the seed"

@@ -2,25 +2,14 @@
 tiny IWM (against the same protocol from a randomly initialised one where that comparison holds at this scale:
 the predictor protocols; docs/finetune.md); resume; the eval commands and their errors (exit code 2, one line)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from engine.config import IWMConfig
-from tests.engine.test_train import ROOT, tiny_config, write_folder
+from tests.helpers import finetune_config, run_eval, tiny_config, write_folder
 
 PRETRAIN_STEPS = 150
-FINETUNE = [  # learnable in ~100 steps at 32 px: mild crops, no mixup / RandAugment / stochastic depth
-    "data.batch_size=32", "data.num_workers=0", "data.embedded_per_class=32", "data.embedded_native_size=48",
-    "optim.warmup_epochs=1", "optim.lr=5e-3", "optim.start_lr=1e-4", "optim.final_lr=1e-5",
-    "optim.weight_decay=0.05", "optim.final_weight_decay=0.05", "train.log_every=25", "train.ckpt_every=50",
-    "train.progress=False", "finetune.mixup=0.0", "finetune.cutmix=0.0", "finetune.randaugment=''",
-    "finetune.crop_scale=(0.5, 1.0)", "finetune.drop_path=0.0", "finetune.layer_decay=0.9",
-]
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +27,6 @@ def sources(tmp_path_factory):
     ckpt_lib.save_weights(str(root / "random.pt"), config=cfg.to_dict(), step=0, encoder=model.encoder,
                           predictor=model.predictor, target_encoder=model.encoder)
     return str(root / "pretrained"), str(root / "random.pt")
-
-
-def finetune_config(source, out, protocol, steps=100, extra=()):
-    cfg = IWMConfig(name=f"ft_{protocol}")
-    for a in FINETUNE + [f"finetune.protocol='{protocol}'"] + list(extra):
-        cfg.override(a)
-    cfg.finetune.checkpoint = source
-    cfg.train.out_dir = str(out)
-    cfg.optim.max_steps = steps
-    return cfg
 
 
 # The protocol tests run on the embedded set at 200 images per class (2000 train, 500 val: 0.2 pp per image;
@@ -112,15 +91,6 @@ def test_finetune_resumes_and_keeps_the_best(sources, tmp_path):
     assert again.step == 60
     steps = [int(float(r.split(",")[0])) for r in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps.count(50) >= 1 and max(steps) == 60
-
-
-def run_eval(*args):
-    # a fresh one-rank process: drop the rendezvous variables this process's in-process runs set
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "-m", "engine.eval", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from engine.loss import iwm_loss
 from engine.masks import MaskSampler
 from engine.models import IWM
 from kernels import dispatch
-from tests.engine.test_models import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def one_step(backend):

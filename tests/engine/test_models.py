@@ -8,17 +8,7 @@ import torch.nn.functional as F
 from engine.config import IWMConfig
 from engine.masks import MaskSampler
 from engine.models import IWM, Encoder, sincos_2d
-
-
-def tiny_cfg(conditioning="feature", img=32, patch=8):
-    cfg = IWMConfig()
-    cfg.data.img_size = img
-    cfg.model.encoder = "custom"
-    cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads = 32, 2, 4
-    cfg.model.patch_size = patch
-    cfg.model.predictor_depth, cfg.model.predictor_width, cfg.model.predictor_heads = 2, 16, 2
-    cfg.model.conditioning = conditioning
-    return cfg.validate()
+from tests.helpers import tiny_cfg
 
 
 def sample(cfg, B, seed=0):

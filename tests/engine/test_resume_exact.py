@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine.distributed import remove_shm_buffers
-from tests.engine.test_train import ROOT, TINY, subprocess_env
-from tests.test_recipe_smoke import shm_buffers
+from tests.helpers import ROOT, TINY, subprocess_env
+from tests.helpers import shm_buffers
 
 STEPS = 12
 

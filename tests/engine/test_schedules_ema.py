@@ -31,7 +31,7 @@ def test_ema_through_the_real_target_encoder_matches_float64_formula():
     """TargetEncoder.update (the flat-buffer path training uses) against m*t + (1-m)*o in float64,
     every parameter, twice (so a pairing or a buffer that goes stale is caught too)."""
     from engine.models import Encoder
-    from tests.engine.test_models import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     torch.manual_seed(0)
     online = Encoder(tiny_cfg())
@@ -52,7 +52,7 @@ def test_ema_through_the_real_target_encoder_matches_float64_formula():
 
 def test_target_encoder_is_a_separate_copy():
     from engine.models import Encoder
-    from tests.engine.test_models import tiny_cfg
+    from tests.helpers import tiny_cfg
 
     online = Encoder(tiny_cfg())
     target = TargetEncoder(online)

@@ -15,7 +15,7 @@ from engine.cli import data_main
 from engine.config import DataConfig, ViewConfig
 from engine.data import DataError, ImageFolderDataset, SharedCrop, build_dataset, build_loader
 from engine.data.shards import ShardDataset, ShardSampler, scan_shard
-from tests.engine.test_train import TINY, tiny_config
+from tests.helpers import TINY, tiny_config
 
 CLASSES = ("cat", "dog", "eel")
 PER_CLASS = 9

@@ -1,49 +1,13 @@
 """Training end to end: a short run whose loss falls, resume, the eval CLI on its checkpoint, and
 DeepSpeed with two CPU ranks (gloo) under the real launcher."""
-import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from engine.config import IWMConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = [
-    "data.img_size=32", "data.batch_size=16", "data.num_workers=0", "data.embedded_per_class=16",
-    "data.embedded_native_size=48",
-    "model.encoder='custom'", "model.embed_dim=48", "model.depth=2", "model.num_heads=4", "model.patch_size=8",
-    "model.predictor_depth=2", "model.predictor_width=32", "model.predictor_heads=4",
-    "optim.warmup_epochs=1", "optim.lr=2e-3", "optim.start_lr=2e-4", "optim.ema=(0.99, 1.0)",
-    "train.log_every=2", "train.ckpt_every=10", "train.progress=False",
-    "eval.mrr_images=2", "eval.mrr_candidates=16",
-]
-
-
-def tiny_config(out_dir, steps, extra=()):
-    cfg = IWMConfig(name="test")
-    for a in TINY + list(extra):
-        cfg.override(a)
-    cfg.train.out_dir = str(out_dir)
-    cfg.optim.max_steps = steps
-    return cfg.validate()
-
-
-def subprocess_env(**extra):
-    """This environment without the one-rank variables an in-process pretrain() set (RANK, MASTER_PORT, ...):
-    a child must pick its own rendezvous."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **extra)
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.csv")) as f:
-        return [r for r in csv.DictReader(f)]
+from tests.helpers import read_metrics, run_eval, tiny_config, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +58,6 @@ def test_resume_with_a_different_model_is_refused(trained_run, tmp_path):
         pretrain(tiny_config(copy, 60, ["model.predictor_depth=3"]))
 
 
-def run_eval(*args):
-    return subprocess.run([sys.executable, "-m", "engine.eval", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=subprocess_env())
-
-
 @pytest.mark.slow
 def test_eval_cli_on_the_checkpoint(trained_run, tmp_path):
     out, _ = trained_run
@@ -116,20 +75,6 @@ def test_eval_cli_on_the_checkpoint(trained_run, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "l.json").read_text())
     assert res["classes"] == 10 and 0 <= res["val_top1"] <= 100
-
-
-def write_folder(root, classes=2, per_class=3, bad=True):
-    from PIL import Image
-
-    for c in range(classes):
-        d = root / f"class_{c}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(d / f"{i}.png")
-    if bad:
-        (root / "class_0" / "corrupt.jpg").write_bytes(b"not an image at all")
-        (root / "class_1" / "notes.txt").write_text("hello")
-    return root
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ from engine.masks import MaskBatch
 from engine.models import IWM, Encoder
 from engine.views import apply_jitter, identity_action
 from engine.world_model import WorldModel, named_action, named_actions, rank_latents
-from tests.engine.test_models import tiny_cfg
-from tests.engine.test_train import ROOT, subprocess_env
+from tests.helpers import tiny_cfg
+from tests.helpers import ROOT, subprocess_env
 
 LUMA = (0.2989, 0.587, 0.114)
 

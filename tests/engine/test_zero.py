@@ -16,7 +16,7 @@ import torch
 
 import shutil
 
-from tests.engine.test_train import ROOT, TINY, subprocess_env
+from tests.helpers import ROOT, TINY, subprocess_env
 
 STEPS = 6
 
