@@ -6,7 +6,9 @@ Each recipe runs its real networks at 224 px (the recipe's encoder, patch size a
 step of what ``engine.pretrain.pretrain`` runs (``benchmarks/recipe_step.py``: views + action, masks, EMA target
 encoder, encoder + predictor, loss, DeepSpeed backward, AdamW, EMA update) in fp32 with the CPU's backends
 (reference kernels, padded SDPA), under the ``deepspeed`` launcher on :data:`LAUNCHES`' ranks and ZeRO stage (two
-CPU ranks at ZeRO-3 where the machine's 24 GiB allow it, one rank for ViT-H/14), batch 1 or 2 per rank, no
+CPU ranks at ZeRO-3 for the ViT-B/16 recipes; one rank for ViT-L/16 and ViT-H/14: two ranks of ViT-L/16 at ZeRO-3
+hold about 8 GiB each while the engine is built, more than a machine shared by other jobs can give), batch 1 or
+2 per rank, no
 accumulation. Each rank reports the step's peak resident memory: its high-water mark during the step (reset
 after the engine is built) minus its resident size after the imports, with glibc returning freed blocks
 (``MALLOC_MMAP_THRESHOLD_=65536``, ``IWM_MALLOC=default``), as ``benchmarks/plan_validation.py`` measures.
@@ -34,7 +36,7 @@ GiB = 2 ** 30
 LAUNCHES = {
     "vitb_inv": ("recipes/pretrain_vitb_inv.py", 2, 3, 2),
     "vitb_equi": ("recipes/pretrain_vitb_equi.py", 2, 3, 2),
-    "vitl_equi": ("recipes/pretrain_vitl_equi.py", 2, 3, 1),
+    "vitl_equi": ("recipes/pretrain_vitl_equi.py", 1, 0, 1),
     "vith": ("recipes/pretrain_vith.py", 1, 0, 1),
 }
 TOLERANCE = 0.15
@@ -81,6 +83,7 @@ def rank_main(name: str, tmp: str) -> None:
     built_s = time.perf_counter() - t0
     images = rs.random_images(cfg, n=1)
     after_build = _status_kib("VmRSS") * 1024
+    phases = watch_phases(built, baseline)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM restarts from the current resident size
     t0 = time.perf_counter()
@@ -90,7 +93,29 @@ def rank_main(name: str, tmp: str) -> None:
     loss = built.meters.loss_sum.item()
     print("FULL_SIZE " + json.dumps(dict(rank=built.run.info.rank, baseline=baseline, after_build=after_build,
                                          peak=peak, step_peak=peak - baseline, build_s=built_s, step_s=step_s,
-                                         loss=loss)), flush=True)
+                                         loss=loss, phases_gib=phases)), flush=True)
+
+
+def watch_phases(built, baseline: int) -> list:
+    """Record (phase, resident GiB above the baseline at its end, high-water GiB so far) around the step's parts:
+    the target encoder's forward, the trained networks' forward, the backward and the optimizer step."""
+    out = []
+
+    def wrap(obj, attr, name):
+        fn = getattr(obj, attr)
+
+        def wrapped(*a, **k):
+            result = fn(*a, **k)
+            out.append((name, round((_status_kib("VmRSS") * 1024 - baseline) / GiB, 3),
+                        round((_status_kib("VmHWM") * 1024 - baseline) / GiB, 3)))
+            return result
+        setattr(obj, attr, wrapped)
+
+    wrap(built.task.target_encoder.module, "forward", "target forward")
+    wrap(built.engine.module, "forward", "forward")
+    wrap(built.engine, "backward", "backward")
+    wrap(built.engine, "step", "optimizer step")
+    return out
 
 
 def mem_available() -> int:
@@ -102,6 +127,8 @@ def mem_available() -> int:
 
 
 def launch(name: str, timeout: int) -> dict:
+    import recipe_step as rs
+
     recipe, ranks, stage, batch = LAUNCHES[name]
     plan = plan_bytes(name)
     row = dict(name=name, recipe=recipe, ranks=ranks, zero_stage=stage, batch_per_rank=batch, img=224,
@@ -115,7 +142,10 @@ def launch(name: str, timeout: int) -> dict:
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
            "--master_port", port, os.path.abspath(__file__), "--child", name]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = rs.run_group(cmd, env, timeout, port)
+    except subprocess.TimeoutExpired:
+        return dict(row, ok=False, error=f"timed out after {timeout} s (every rank stopped)")
     ranks_out = sorted((json.loads(line.split("FULL_SIZE ", 1)[1]) for line in proc.stdout.splitlines()
                         if "FULL_SIZE " in line), key=lambda r: r["rank"])
     if proc.returncode != 0 or len(ranks_out) != ranks:

@@ -15,7 +15,9 @@ On one H100 / H200 it takes a few minutes (the budget is 8) and writes one JSON 
    device's bandwidth;
 3. **30 timed pretraining steps** of ViT-B/16 and ViT-H/14 at 224 px, bf16 autocast, one rank at the
    recipe's ZeRO stage and batch per GPU (``optim.global_batch`` off: no accumulation), per backend pair
-   (Triton + xformers, reference + SDPA): img/s, MFU against the datasheet bf16 peak
+   (Triton + xformers, reference + SDPA; and for ViT-B/16 Triton + xformers with ``train.compile=true``,
+   whose warm-up compiles: the measurement ``train.compile``'s default follows): img/s, MFU against the
+   datasheet bf16 peak
    (``engine.flops.PEAK_BF16``) and peak allocated memory against ``engine.plan.memory_plan``'s prediction
    for that very configuration. Each pair runs in a process of its own (clean peak-memory statistics).
 
@@ -209,9 +211,11 @@ def module_rows(module, shapes, dtypes, device, peak_gbps, tiles) -> list:
 # ----------------------------------------------------------------------------------------------------
 # 3. timed pretraining steps, one process per recipe x backend pair
 # ----------------------------------------------------------------------------------------------------
-def step_sets(kernels: str, attention: str, dry: bool, out_dir: str) -> list:
+def step_sets(kernels: str, attention: str, compiled: bool, dry: bool, out_dir: str) -> list:
     sets = [f"train.kernels={kernels}", f"train.attention={attention}", "optim.global_batch=None",
             f"train.out_dir={out_dir}", "train.progress=false"]
+    if compiled:  # the dry mode traces with dynamo only (inductor's code generation takes minutes on a CPU)
+        sets += ["train.compile=true"] + (["train.compile_backend=eager"] if dry else [])
     return sets + (DRY_SETS if dry else ["train.precision=bf16", "data.img_size=224"])
 
 
@@ -226,12 +230,13 @@ def predicted_bytes(cfg, attention: str) -> float:
                        "packed" if attention == "xformers" else "padded", overhead_bytes=0.0).total
 
 
-def step_child(recipe: str, kernels: str, attention: str, steps: int, warmup: int, dry: bool) -> dict:
+def step_child(recipe: str, kernels: str, attention: str, compiled: bool, steps: int, warmup: int, dry: bool) -> dict:
     import recipe_step as rs
     from engine.flops import device_peak_flops, step_flops
 
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = rs.load_config(RECIPES[recipe][1], step_sets(kernels, attention, dry, out_dir))
+        cfg = rs.load_config(RECIPES[recipe][1], step_sets(kernels, attention, compiled, dry, out_dir))
+        warmup = warmup + 2 if compiled else warmup  # step 0 compiles, step 1 recompiles with dynamic shapes
         built = rs.build(cfg)
         device = built.run.device
         images = rs.random_images(cfg, n=2)
@@ -252,7 +257,8 @@ def step_child(recipe: str, kernels: str, attention: str, steps: int, warmup: in
         B = cfg.data.batch_size
         flops = step_flops(cfg, tok["context"], tok["target"], B)
         peak = device_peak_flops(device)
-        return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, batch=B, img=cfg.data.img_size,
+        return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, compile=compiled and
+                    cfg.train.compile_backend, batch=B, img=cfg.data.img_size,
                     zero_stage=cfg.train.zero_stage, precision=cfg.train.precision, steps=steps, s_per_step=seconds,
                     img_per_s=B / seconds, tflops_per_s=flops / seconds / 1e12, mfu=peak and flops / seconds / peak,
                     context_tokens=tok["context"], target_tokens=tok["target"],
@@ -262,38 +268,46 @@ def step_child(recipe: str, kernels: str, attention: str, steps: int, warmup: in
                     plan_gib=predicted_bytes(cfg, attention) / 2 ** 30)
 
 
-def run_step_child(recipe: str, kernels: str, attention: str, args) -> dict:
+def run_step_child(recipe: str, kernels: str, attention: str, compiled: bool, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", recipe, kernels, attention, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--dry"] if args.dry else [])
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+           "--warmup", str(args.warmup)] + (["--dry"] if args.dry else []) + (["--compiled"] if compiled else [])
+    import recipe_step as rs
+    from engine.distributed import free_port
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MASTER_PORT=str(port))
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.child_timeout)
+        proc = rs.run_group(cmd, env, args.child_timeout, port)
     except subprocess.TimeoutExpired:
-        return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, ok=False,
+        return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, compile=compiled, ok=False,
                     error=f"timed out after {args.child_timeout} s")
     for line in proc.stdout.splitlines():
         if line.startswith("GPU_CHECK_STEP "):
             return dict(json.loads(line[len("GPU_CHECK_STEP "):]), ok=True)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, ok=False,
+    return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, compile=compiled, ok=False,
                 error=f"exit {proc.returncode}: " + " | ".join(tail))
 
 
 def step_rows(args, env: dict, skipped: list) -> list:
     rows = []
     for recipe in args.recipes:
-        for kernels, attention in PAIRS:
+        # the backend pairs, then (the first recipe only: the compile takes minutes) Triton + xformers compiled
+        todo = [(k, a, False) for k, a in PAIRS] + ([(*PAIRS[0], True)] if recipe == args.recipes[0] else [])
+        for kernels, attention, compiled in todo:
             if attention == "xformers" and not env["xformers_kernels_run"]:
-                skipped.append(f"{RECIPES[recipe][0]} steps with {kernels} + xformers (xformers' kernels do not "
-                               f"run here{'' if env['cuda'] else ': no CUDA'}); ran {kernels} + sdpa instead")
+                skipped.append(f"{RECIPES[recipe][0]} steps with {kernels} + xformers{' compiled' * compiled} "
+                               f"(xformers' kernels do not run here{'' if env['cuda'] else ': no CUDA'}); ran "
+                               f"{kernels} + sdpa instead")
                 attention = "sdpa"
-            rows.append(run_step_child(recipe, kernels, attention, args))
-            print(f"  steps: {rows[-1]['recipe']} {kernels} + {attention}: "
+            rows.append(run_step_child(recipe, kernels, attention, compiled, args))
+            print(f"  steps: {rows[-1]['recipe']} {kernels} + {attention}{' compiled' * compiled}: "
                   f"{'%.1f img/s' % rows[-1]['img_per_s'] if rows[-1]['ok'] else rows[-1]['error']}", flush=True)
     if args.dry:
         skipped.append("steps at 224 px with the recipes' networks in bf16 (one tiny network at 32 px, fp32, on the "
                        "CPU, in place of both recipes)")
         skipped.append("MFU and peak GPU memory (no CUDA device)")
+        skipped.append("inductor's code generation for train.compile (the dry mode traces with the eager backend)")
     return rows
 
 
@@ -322,15 +336,15 @@ def print_report(result: dict) -> None:
               f"{'yes' if r['ok'] else 'NO':>3s} {fmt(r.get('fused_ms'), '9.3f'):>9s} {fmt(r.get('reference_ms'), '9.3f'):>9s} "
               f"{fmt(r.get('gbps'), '7.0f'):>7s} {fmt(r.get('pct_peak_bw'), '5.1f'):>5s}  {r['shape']}")
     print(f"\n== pretraining steps ({result['steps']} timed after {result['warmup']} warm-up, one rank)")
-    print(f"{'recipe':9s} {'backends':19s} {'batch':>5s} {'s/step':>7s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
+    print(f"{'recipe':9s} {'backends':28s} {'batch':>5s} {'s/step':>7s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
           f"{'peak GiB':>8s} {'plan GiB':>8s} {'plan/meas':>9s}")
     for r in result["steps_rows"]:
-        pair = f"{r['kernels']} + {r['attention']}"
+        pair = f"{r['kernels']} + {r['attention']}" + (" +compile" if r.get("compile") else "")
         if not r["ok"]:
-            print(f"{r['recipe']:9s} {pair:19s} FAILED: {r['error']}")
+            print(f"{r['recipe']:9s} {pair:28s} FAILED: {r['error']}")
             continue
         meas = r["peak_allocated_gib"]
-        print(f"{r['recipe']:9s} {pair:19s} {r['batch']:5d} {r['s_per_step']:7.3f} {r['img_per_s']:8.1f} "
+        print(f"{r['recipe']:9s} {pair:28s} {r['batch']:5d} {r['s_per_step']:7.3f} {r['img_per_s']:8.1f} "
               f"{r['tflops_per_s']:8.2f} {fmt(r['mfu'], '6.3f'):>6s} {fmt(meas, '8.2f'):>8s} {r['plan_gib']:8.2f} "
               f"{fmt(meas and r['plan_gib'] / meas, '9.3f'):>9s}")
     print(f"\n== skipped ({len(result['skipped'])})" + "".join(f"\n  - {s}" for s in result["skipped"]))
@@ -367,13 +381,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per backend pair (30; dry 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (5; dry 1)")
     ap.add_argument("--recipes", default=None, help=f"comma-separated: {', '.join(RECIPES)} (default both; dry: vitb)")
-    ap.add_argument("--child-timeout", type=int, default=240, help="seconds per backend pair's process")
+    ap.add_argument("--child-timeout", type=int, default=None, help="seconds per backend pair's process (240; dry 600)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     ap.add_argument("--child", nargs=3, metavar=("RECIPE", "KERNELS", "ATTENTION"), help=argparse.SUPPRESS)
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dry = args.dry or not torch.cuda.is_available()
     args.steps = args.steps or (2 if dry else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if dry else 5)
+    args.child_timeout = args.child_timeout or (600 if dry else 240)
     # the dry mode's networks are tiny whatever the recipe: one recipe runs its steps
     args.recipes = [r for r in (args.recipes or ("vitb" if dry else "vitb,vith")).split(",") if r]
     unknown = [r for r in args.recipes if r not in RECIPES]
@@ -381,7 +397,7 @@ def main(argv=None) -> int:
         print(f"error: --recipes {','.join(unknown)}: use {', '.join(RECIPES)}", file=sys.stderr)
         return 2
     if args.child:
-        print("GPU_CHECK_STEP " + json.dumps(step_child(*args.child, args.steps, args.warmup, dry)))
+        print("GPU_CHECK_STEP " + json.dumps(step_child(*args.child, args.compiled, args.steps, args.warmup, dry)))
         return 0
     return check(args)
 

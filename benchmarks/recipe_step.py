@@ -10,6 +10,8 @@ backend pair) and ``benchmarks/full_size.py`` (one step at each recipe's real si
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -70,3 +72,22 @@ def tokens_per_image(built: Built) -> dict:
     """Mean context / target tokens per image over the steps run so far."""
     m = built.meters
     return {k: v / max(1, m.images) for k, v in m.tokens.items()}
+
+
+def run_group(cmd: list, env: dict, timeout: int, port=None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a launcher, or one rank) in a process group of its own, output captured. On a timeout the
+    whole group is stopped (ranks, compile workers), the launch's DeepSpeed /dev/shm buffers on ``port`` removed,
+    and TimeoutExpired raised."""
+    from engine.distributed import remove_shm_buffers
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if port is not None:
+            remove_shm_buffers(port)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
