@@ -13,7 +13,7 @@ accumulation. Each rank reports the step's peak resident memory: its high-water 
 after the engine is built) minus its resident size after the imports, with glibc returning freed blocks
 (``MALLOC_MMAP_THRESHOLD_=65536``, ``IWM_MALLOC=default``), as ``benchmarks/plan_validation.py`` measures.
 Beside it: ``engine.plan.memory_plan`` for that very configuration (stage, ranks, batch, fp32, padded
-attention, no CUDA overhead). Before each launch the script checks that MemAvailable holds 1.1x the plan for
+attention, no CUDA overhead, ``resident=True``: the pages a CPU process holds). Before each launch the script checks that MemAvailable holds 1.1x the plan for
 all ranks, and skips the launch (saying so) when it does not.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def plan_bytes(name: str) -> dict:
     recipe, ranks, stage, batch = LAUNCHES[name]
     cfg = rs.load_config(recipe, sets(name, "unused"))
     mem = memory_plan(cfg, stage, ranks, PRECISIONS["fp32"], False, token_stats(cfg, batch), "padded",
-                      overhead_bytes=0.0)
+                      overhead_bytes=0.0, resident=True)
     return dict(total=mem.total, peak_phase=mem.peak_phase, parts_gib={k: round(v, 3) for k, v in mem.gib().items()})
 
 
