@@ -34,10 +34,9 @@ class Built:
 
 def load_config(recipe: str, sets=()):
     """A recipe file's ``config()`` (path relative to the repository root) with ``section.field=value`` sets."""
-    from engine.plan import load_recipe
+    from engine.config import load_recipe
 
-    cfg = load_recipe(os.path.join(ROOT, recipe), list(sets))
-    return cfg.validate()
+    return load_recipe(os.path.join(ROOT, recipe), list(sets)).validate()
 
 
 def build(cfg, dist_info=None) -> Built:
