@@ -1,4 +1,4 @@
-"""One optimizer step of each pretraining recipe at its real size on the CPU, and engine.plan beside it.
+"""Optimizer steps of each pretraining recipe at its real size on the CPU, and engine.plan beside them.
 
     python benchmarks/full_size.py [--recipes vitb_inv,vitb_equi,vitl_equi,vith] [--out benchmarks/results/full_size.json]
 
@@ -8,8 +8,7 @@ encoder, encoder + predictor, loss, DeepSpeed backward, AdamW, EMA update) in fp
 (reference kernels, padded SDPA), under the ``deepspeed`` launcher on :data:`LAUNCHES`' ranks and ZeRO stage (two
 CPU ranks at ZeRO-3 for the ViT-B/16 recipes; one rank for ViT-L/16 and ViT-H/14: two ranks of ViT-L/16 at ZeRO-3
 hold about 8 GiB each while the engine is built, more than a machine shared by other jobs can give), batch 1 or
-2 per rank, no
-accumulation. Each rank reports a step's peak resident memory: its high-water mark during the step (reset
+2 per rank, no accumulation. Each rank reports a step's peak resident memory: its high-water mark during the step (reset
 before each step) minus its resident size after the imports, the larger of the two steps (the first one
 allocates what the optimizer then keeps; the second is the steady state that engine.plan models), with glibc returning freed blocks
 (``MALLOC_MMAP_THRESHOLD_=65536``, ``IWM_MALLOC=default``), as ``benchmarks/plan_validation.py`` measures.
