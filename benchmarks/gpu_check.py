@@ -276,11 +276,12 @@ def run_step_child(recipe: str, kernels: str, attention: str, compiled: bool, ar
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MASTER_PORT=str(port))
+    timeout = args.child_timeout * (2 if compiled else 1)  # the compiled row's warm-up compiles every block
     try:
-        proc = rs.run_group(cmd, env, args.child_timeout, port)
+        proc = rs.run_group(cmd, env, timeout, port)
     except subprocess.TimeoutExpired:
         return dict(recipe=RECIPES[recipe][0], kernels=kernels, attention=attention, compile=compiled, ok=False,
-                    error=f"timed out after {args.child_timeout} s")
+                    error=f"timed out after {timeout} s")
     for line in proc.stdout.splitlines():
         if line.startswith("GPU_CHECK_STEP "):
             return dict(json.loads(line[len("GPU_CHECK_STEP "):]), ok=True)
