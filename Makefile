@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo check test test-fast bench bench-peer bench-e2e clean-venv
+.PHONY: demo check test test-fast gpu-check bench bench-peer bench-e2e clean-venv
 
 $(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ test-fast: check
 # the whole suite (what .ci/run runs), slowest tests listed at the end
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=20
+
+# the first thing to run on a GPU machine (minutes on one H100 / H200): the machine, every Triton kernel against
+# its reference in fp32 / bf16 at the ViT-B/16 and ViT-H/14 shapes, 30 timed pretraining steps per backend pair;
+# without CUDA a dry mode (tiny shapes, the interpreter) that lists what it skipped
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 
 # kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch);
 # first every Triton kernel compiled for sm_80 / sm_90 (no GPU needed): registers, spills, shared memory

@@ -2,14 +2,15 @@
 
     make bench-peer                                   # once: builds .venv-peer (pinned lightly==1.6.0)
     python benchmarks/e2e.py [--quick] [--threads N] [--models ti,s] [--clock wall|cpu] [--set K=V]
-                             [--out benchmarks/results/e2e.json]
+                             [--compile] [--out benchmarks/results/e2e.json]
     python benchmarks/e2e.py --profile [--models ti]   # torch.profiler of our step: top ops and phases
 
 **Ours** is the step ``engine.pretrain.pretrain()`` runs: :meth:`engine.run.Run.optimizer_step` on the
 Pretraining task (views + action, masks, EMA target encoder, encoder + feature-conditioned predictor,
 loss, DeepSpeed ZeRO-1 backward and AdamW update, EMA update), with the engine built by
 :meth:`engine.run.Run.build_engine`; the config is ``recipes/pretrain_tiny.py``'s with the model and
-image size below (``--set`` adds overrides). **The peer** is lightly 1.6.0's I-JEPA parts in their own
+image size below (``--set`` adds overrides; ``--compile`` adds the side ``ours-compile``, the same step with
+``train.compile=true``, and prints compile on / off). **The peer** is lightly 1.6.0's I-JEPA parts in their own
 environment ``.venv-peer``: a timm ViT (lightly's ``MaskedVisionTransformerTIMM``: sin-cos positions,
 context tokens kept by index), ``IJEPAMaskCollator``, ``IJEPAPredictorTIMM``, layer-normalised targets,
 smooth-L1 loss, torch AdamW and a per-parameter EMA (lightly's I-JEPA example). It runs twice: with the
@@ -381,11 +382,13 @@ def child_main(args) -> None:
 
 
 def run_child(python: str, args, side: str, model: str, images_path: str, peer_masks: str = "") -> dict:
+    """One side's subprocess; ``peer_masks`` is the peer's collator setting, or for our side 'compile'
+    (train.compile=true on top of ``--set``)."""
     cmd = [python, os.path.abspath(__file__), "--child", "--side", side, "--model", model, "--images", images_path,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    if peer_masks:
+    if peer_masks and side == "peer":
         cmd += ["--peer-masks", peer_masks]
-    for s in args.set or []:
+    for s in (args.set or []) + (["train.compile=true"] if side == "ours" and peer_masks == "compile" else []):
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -439,21 +442,31 @@ def print_table(model: str, sides: dict, args) -> None:
               f"{s['peak_rss_mb']:>7.0f}{s['flop_per_step'] / 1e9:>11.1f}{s['flop_per_s' + c] / 1e9:>8.1f}"
               f"{peak / 1e9:>6.0f}{s['mfu' + c]:>6.2f}{s['context_tokens']:>8.1f}{s['target_tokens']:>8.1f}"
               f"{s['predictor_tokens']:>9.1f}")
+    if "ours-compile" in sides:
+        r = ratios(sides["ours-compile"], sides["ours"])
+        print(f"compile on / off (train.compile): img/s {r['img_per_s' + c]:.3f}x, over the timed steps after "
+              f"{args.warmup} warm-up steps (the compile happens in the warm-up)")
     for name, s in sides.items():
-        if name != "ours" and "ours" in sides:
+        if name not in ("ours", "ours-compile") and "ours" in sides:
             r = ratios(sides["ours"], s)
             print(f"ours / {name}: img/s {r['img_per_s' + c]:.2f}x raw, {r['flop_per_s' + c]:.2f}x FLOP-normalised "
                   f"(achieved FLOP/s), MFU {r['mfu' + c]:.2f}x")
 
 
+def side_name(side: str, variant: str) -> str:
+    """'ours', 'ours-compile' (train.compile=true), 'peer-defaults', 'peer-matched'."""
+    return side + (f"-{variant}" if variant else "")
+
+
 def run_model(model: str, images_path: str, args, with_peer: bool) -> dict:
-    plan = [("ours", "")] + ([("peer", "defaults"), ("peer", "matched")] if with_peer else [])
-    raw = {("ours" if side == "ours" else f"peer-{masks}"): [] for side, masks in plan}
+    plan = ([("ours", "")] + ([("ours", "compile")] if args.compile else [])
+            + ([("peer", "defaults"), ("peer", "matched")] if with_peer else []))
+    raw = {side_name(side, masks): [] for side, masks in plan}
     for r in range(args.rounds):
         for side, masks in (plan if r % 2 == 0 else plan[::-1]):  # A/B/A/B
             python = sys.executable if side == "ours" else PEER_PYTHON
             res = run_child(python, args, side, model, images_path, masks)
-            raw["ours" if side == "ours" else f"peer-{masks}"].append(res)
+            raw[side_name(side, masks)].append(res)
             print(f"  round {r + 1}: {side:<4} {masks:<8} {res['s_per_step']:.3f} s/step "
                   f"(cpu {res['cpu_s_per_step']:.3f})", flush=True)
     sides = {name: summarise(runs) for name, runs in raw.items()}
@@ -474,7 +487,9 @@ def parse_args(argv=None):
                     help="the table's clock: wall time, or process CPU time per thread (steadier on a shared machine)")
     ap.add_argument("--img", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--set", action="append", help="extra config override for our side, e.g. train.compile=true")
+    ap.add_argument("--set", action="append", help="extra config override for our side, e.g. train.precision=fp32")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run our side with train.compile=true (side 'ours-compile'; its warm-up steps compile)")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler over our step instead (top ops and phases), --model ti unless --models")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "e2e.json"))

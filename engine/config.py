@@ -264,6 +264,11 @@ class TrainConfig:
     kernels: str = "auto"  # fused ops: auto (Triton on CUDA, reference on CPU) | triton | reference
     attention: str = "auto"  # ragged attention: auto (xformers on CUDA, else sdpa) | xformers | sdpa | reference
     activation_checkpointing: bool = False  # recompute encoder / predictor blocks in the backward pass
+    # torch.compile of every ViT block of the trained networks (encoder, predictor), dynamic in the ragged token
+    # count (no recompile per batch) with the ragged attention left eager (engine.models.compile_blocks). Off by
+    # default: 1.0x measured on CPU (README, "Measured"); GPU not yet measured (make gpu-check, benchmarks/e2e.py)
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces without code generation)
     log_every: int = 10
     eval_every: int = 0  # MRR every N steps (0: only at the end)
     ckpt_every: int = 500
@@ -280,6 +285,12 @@ class TrainConfig:
             raise ConfigError(f"train.kernels={self.kernels!r}: use auto, triton or reference")
         if self.attention not in ("auto", "xformers", "sdpa", "reference"):
             raise ConfigError(f"train.attention={self.attention!r}: use auto, xformers, sdpa or reference")
+        if self.compile and self.zero_stage == 3:
+            raise ConfigError("train.compile=true with train.zero_stage=3: ZeRO-3 gathers each block's parameters in "
+                              "module hooks that a compiled block would trace; use zero_stage 0-2 with compile, or "
+                              "train.compile=false")
+        if self.compile_backend not in ("inductor", "aot_eager", "eager"):
+            raise ConfigError(f"train.compile_backend={self.compile_backend!r}: use inductor, aot_eager or eager")
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")

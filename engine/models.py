@@ -25,6 +25,11 @@ from kernels.feature_conditioning import feature_conditioning
 from kernels.gather import gather_tokens
 
 
+# Under torch.compile the ragged attention stays eager (a graph break): its backend choice, its host-side lengths
+# and the xformers / SDPA kernels are Python the compiled graphs around it need not trace.
+_eager_ragged_attention = torch.compiler.disable(ragged_attention)
+
+
 @dataclass
 class RaggedLayout:
     """Per-sample lengths of a packed token sequence (host ints: attention kernels need them there)."""
@@ -42,7 +47,7 @@ class RaggedAttention(TimmAttention):
         qkv = self.qkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # [T, H, Dh]
         q, k = self.q_norm(q), self.k_norm(k)
-        out = ragged_attention(q, k, v, attn_mask.seqlens)
+        out = _eager_ragged_attention(q, k, v, attn_mask.seqlens)
         out = self.norm(out.reshape(1, T, self.attn_dim))
         return self.proj_drop(self.proj(out))
 
@@ -71,6 +76,19 @@ class RaggedBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = x + drop_samples(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)), attn_mask, self.drop_prob)
         return x + drop_samples(self.ls2(self.mlp(self.norm2(x))), attn_mask, self.drop_prob)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every :class:`RaggedBlock` of ``model`` in place (train.compile); returns how many.
+
+    A block compiles into two graphs (before and after the attention, which stays eager). The packed token
+    count changes every batch: the first call compiles for its shapes, the second (a new count) recompiles
+    once with the count dynamic, and later batches reuse that graph (torch's automatic dynamic shapes), so
+    a run compiles each block at most twice (``tests/engine/test_train_compile.py`` counts them over 50 steps)."""
+    blocks = [m for m in model.modules() if isinstance(m, RaggedBlock)]
+    for blk in blocks:
+        blk.compile(backend=backend)
+    return len(blocks)
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:

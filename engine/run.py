@@ -30,6 +30,7 @@ from engine.data import ImageDataset, build_loader, to_float_images
 from engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from engine.flops import device_peak_flops
 from engine.metrics import MetricLogger
+from engine.models import compile_blocks
 from engine.schedules import lr_at, weight_decay_at
 from kernels import dispatch
 
@@ -337,6 +338,8 @@ class Run:
         import deepspeed
 
         cfg = self.cfg
+        if cfg.train.compile:
+            compile_blocks(task.model, cfg.train.compile_backend)
         groups = task.param_groups(cfg.optim.weight_decay)
         # fused: one pass over each (ZeRO: flat) parameter tensor, on the CPU too (the loop implementation
         # makes ten; 10x faster there, the same update to fp32 rounding)

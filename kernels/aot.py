@@ -29,14 +29,22 @@ from kernels.specs import ACTIVATION_DTYPES, Launch, Shapes, dtype_name, mock  #
 
 ARCHS = (80, 90)
 
+def op_modules() -> list:
+    """The registry of fused ops: the modules of ``kernels/`` that hold Triton kernels, in a fixed order.
+    Each provides ``aot_launches(shapes)`` (the sm_80 / sm_90 compile tier) and ``check_cases(shapes,
+    dtype, device)`` (``make gpu-check``: the kernels against the reference, :class:`kernels.specs.CheckCase`);
+    a new op joins both by being listed here."""
+    from kernels import ema, feature_conditioning, gather, l2_loss
+
+    return [gather, l2_loss, feature_conditioning, ema]
+
+
 def launches(shapes_list: Sequence[Shapes]) -> List[Launch]:
     """Every op's launches at every recipe's shapes, de-duplicated (identical specialisations compile
     to identical code; ``Launch.recipes`` says which recipes need each)."""
-    from kernels import ema, feature_conditioning, gather, l2_loss
-
     out: Dict[tuple, Launch] = {}
     for shapes in shapes_list:
-        for module in (gather, l2_loss, feature_conditioning, ema):
+        for module in op_modules():
             for launch in module.aot_launches(shapes):
                 kept = out.setdefault(launch.key(), launch)
                 if shapes.recipe not in kept.recipes:

@@ -206,6 +206,32 @@ def aot_launches(shapes) -> list:
     return out
 
 
+def check_cases(shapes, dtype: torch.dtype, device) -> list:
+    """One EMA update of a ``shapes.encoder_params`` fp32 buffer from online weights in ``dtype``, both
+    launches (a flat partition, a list of ``shapes.encoder_tensors`` tensors), for ``make gpu-check``
+    (:class:`kernels.specs.CheckCase`): ``forward`` updates a copy, ``timed`` the buffer in place."""
+    from kernels import specs
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = shapes.encoder_params, max(1, min(shapes.encoder_tensors, shapes.encoder_params))
+    start = specs.randn(gen, n, device=device)
+    online_flat = specs.randn(gen, n, dtype=dtype, device=device)
+    online_list = list(online_flat.split([n // k + (i < n % k) for i in range(k)]))
+    scratch = start.clone()
+    cases = []
+    for variant, online in (("flat online", online_flat), ("online list", online_list)):
+        def forward(online=online):
+            t = start.clone()
+            ema_update_flat_(t, online, 0.996)
+            return t
+
+        cases.append(specs.CheckCase("ema_update", variant, f"{n / 1e6:.1f}M params, {k} tensors, online "
+                                     f"{specs.dtype_name(dtype)}", forward,
+                                     timed=lambda online=online: ema_update_flat_(scratch, online, 0.996),
+                                     bytes_args=dict(B=0, N=0, D=0, T=0, params=n, online=online_flat.element_size())))
+    return cases
+
+
 @torch.no_grad()
 def ema_update_flat_(target_flat: Tensor, online: Union[Tensor, Sequence[Tensor]], momentum: float) -> None:
     """``target_flat <- momentum * target_flat + (1 - momentum) * online``, in place, fp32 arithmetic.

@@ -215,6 +215,37 @@ def aot_launches(shapes) -> list:
     return out
 
 
+def check_cases(shapes, dtype: torch.dtype, device) -> list:
+    """The conditioning MLP at ``shapes`` (:class:`kernels.specs.Shapes`), forward and every gradient, for
+    ``make gpu-check`` (:class:`kernels.specs.CheckCase`). fp32 parameters as in the engine; bf16 means
+    under ``torch.autocast`` (what a bf16 training step runs)."""
+    import contextlib
+
+    from kernels import specs
+
+    gen = torch.Generator().manual_seed(2)
+    N, H, A, B = shapes.patches, shapes.pred_width, shapes.action_dim, shapes.batch
+    _, pos, sample = specs.packed_indices(B, N, shapes.target_tokens, gen, device)
+    T = pos.numel()
+
+    def p(*shape, s=0.02):
+        return specs.randn(gen, *shape, device=device, scale=s, grad=True)
+
+    mt, pe, act = p(H), p(N, H, s=1.0), p(B, A, s=1.0)
+    w1, b1, w2, b2, w3, b3 = p(H, H + A), p(H), p(H, H), p(H), p(H, H), p(H)
+    leaves = [mt, pe, act, w1, b1, w2, b2, w3, b3]
+    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def forward():
+        with autocast:
+            return feature_conditioning(mt, pe, pos, act, sample, w1, b1, w2, b2, w3, b3)
+
+    return [specs.CheckCase("feature_conditioning", "autocast" if dtype != torch.float32 else "fp32",
+                            f"T={T} N={N} D=H={H} A={A}", forward, leaves,
+                            bytes_args=dict(B=B, N=N, D=H, T=T, A=A, act=torch.tensor([], dtype=dtype).element_size()))]
+
+
 class FeatureConditioningFunction(torch.autograd.Function):
     """Fused fc1 (per-position precompute + gather + action FMA + GELU); fc2/fc3 via F.linear.
     Saves ``P [N, H]`` and fc2's pre-activation ``[T, H]``; recomputes the rest in backward, where one

@@ -121,6 +121,20 @@ def aot_launches(shapes) -> list:
     return out
 
 
+def check_cases(shapes, dtype: torch.dtype, device) -> list:
+    """The context gather at ``shapes`` (:class:`kernels.specs.Shapes`) in ``dtype``, forward and backward,
+    for ``make gpu-check`` (:class:`kernels.specs.CheckCase`)."""
+    from kernels import specs
+
+    gen = torch.Generator().manual_seed(0)
+    B, N, D, T = shapes.batch, shapes.patches, shapes.enc_width, shapes.context_tokens
+    x = specs.randn(gen, B, N, D, dtype=dtype, device=device, grad=True)
+    flat_idx, _, _ = specs.packed_indices(B, N, T, gen, device)
+    return [specs.CheckCase("gather_tokens", "context", f"x[{B},{N},{D}] -> [{flat_idx.numel()},{D}]",
+                            lambda: gather_tokens(x, flat_idx), [x],
+                            bytes_args=dict(B=B, N=N, D=D, T=flat_idx.numel(), act=x.element_size()))]
+
+
 class GatherTokensFunction(torch.autograd.Function):
     """Triton gather forward; scatter-add backward (Triton fp32 atomics, or ``index_add_`` for 16-bit
     dtypes). Saves only ``flat_idx``."""

@@ -121,6 +121,22 @@ def aot_launches(shapes) -> list:
     return out
 
 
+def check_cases(shapes, dtype: torch.dtype, device) -> list:
+    """The masked loss at ``shapes`` (:class:`kernels.specs.Shapes`) in ``dtype``: loss and its gradient,
+    for ``make gpu-check`` (:class:`kernels.specs.CheckCase`)."""
+    from kernels import specs
+
+    gen = torch.Generator().manual_seed(1)
+    B, N, D = shapes.batch, shapes.patches, shapes.enc_width
+    flat_idx, _, _ = specs.packed_indices(B, N, shapes.target_tokens, gen, device)
+    T = flat_idx.numel()
+    pred = specs.randn(gen, T, D, dtype=dtype, device=device, grad=True)
+    target = specs.randn(gen, B, N, D, dtype=dtype, device=device, scale=2.0)
+    return [specs.CheckCase("masked_l2_loss", "targets", f"pred[{T},{D}] target[{B},{N},{D}]",
+                            lambda: masked_l2_loss(pred, target, flat_idx), [pred],
+                            bytes_args=dict(B=B, N=N, D=D, T=T, act=pred.element_size()))]
+
+
 class MaskedL2LossFunction(torch.autograd.Function):
     """Fused gather + layer norm + squared error + mean; the gradient is written in the forward pass."""
 

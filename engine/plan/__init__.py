@@ -295,8 +295,11 @@ class MemoryPlan:
         return {k: v / GiB for k, v in asdict(self).items() if isinstance(v, float)}
 
 
-def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: float, PT: float):
-    """Per-rank bytes held for the whole step: (params, AdamW states, fp32 master, EMA target, buffers)."""
+def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: float, PT: float,
+                     resident: bool = False):
+    """Per-rank bytes held for the whole step: (params, AdamW states, fp32 master, EMA target, buffers).
+    ``resident``: count DeepSpeed's reduce bucket as the pages a step writes (see :func:`memory_plan`)."""
+    bucket = min(REDUCE_BUCKET_SIZE, P) if resident else REDUCE_BUCKET_SIZE
     p, g = prec.param_bytes, prec.grad_bytes
     if stage < 3:
         params = P * p
@@ -322,9 +325,9 @@ def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: flo
     elif stage in (1, 2):
         # the contiguous-gradient IPG bucket: torch.empty(reduce_bucket_size) in the reduction dtype
         # (fp32 for stage 1, the gradient dtype for stage 2); overlap_comm is off by default for 1-2
-        buffers = REDUCE_BUCKET_SIZE * (4 if stage == 1 else g)
+        buffers = bucket * (4 if stage == 1 else g)
     else:
-        buffers = REDUCE_BUCKET_SIZE * g
+        buffers = bucket * g
     return params, optimizer, master, ema, buffers
 
 
@@ -357,11 +360,16 @@ def step_grad_bytes(stage: int, P: int, g: float, N: int) -> float:
 
 def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpointing: bool,
                 tok: TokenStats, attention: str = "packed", overhead_bytes: float = CUDA_OVERHEAD_GIB * GiB,
-                batch: Optional[int] = None) -> MemoryPlan:
+                batch: Optional[int] = None, resident: bool = False) -> MemoryPlan:
     """Estimated per-rank peak memory of one training step (see docs/plan.md for every term).
 
     stage 0 is plain data parallel (DDP-style all-reduce, or one process); stages 1-3 follow DeepSpeed
-    ZeRO with its default buckets. `ranks` is the data-parallel world size N."""
+    ZeRO with its default buckets. `ranks` is the data-parallel world size N.
+
+    `resident`: what a CPU process's resident set holds rather than what a GPU allocator hands out. The two
+    differ in DeepSpeed's reduce bucket, a `torch.empty` of 5e8 elements: CUDA's allocator counts all of it,
+    but a CPU page is resident only once written, and a backward writes at most the model's P gradient
+    elements into it (measured: benchmarks/full_size.py, docs/plan.md "Full size on the CPU")."""
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ZeRO stage {stage}: use 0, 1, 2 or 3")
     if ranks < 1:
@@ -372,7 +380,7 @@ def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpo
     P, PT = counts["trainable"], counts["target_encoder"]
     p, g = prec.param_bytes, prec.grad_bytes
 
-    params, optimizer, master, ema, buffers = persistent_bytes(cfg, stage, N, prec, P, PT)
+    params, optimizer, master, ema, buffers = persistent_bytes(cfg, stage, N, prec, P, PT, resident)
     persistent = params + optimizer + master + ema + buffers + overhead_bytes
 
     # ---- phase 1: target-encoder forward (no grad) ----
