@@ -1,14 +1,16 @@
 """Two CPU ranks stopped on purpose and on failure, under the DeepSpeed launcher and under srun's variables
 set by hand (no launcher):
 
-- SIGUSR1 to one rank, or SIGTERM to the launcher, at a random moment: every rank stops at the same step,
-  writes a complete tag, exits with code 75, and the rerun continues from that step with the uninterrupted
-  run's losses and weights, bit for bit;
-- a rank stopped with SIGSTOP (alive, connected, silent), or one that raises: the other stops within the
-  watchdog's bound, naming it in one line, exit code 76; the rerun resumes from the last complete tag,
-  bit for bit.
+- SIGUSR1 to one rank at a random moment (and submitit's SIGUSR2 to its two tasks): every rank stops at the
+  same step, writes a complete tag, exits with code 75, and the rerun (the requeued job) continues from that
+  step with the uninterrupted run's losses and weights, bit for bit;
+- the wall-clock interval that only one rank's clock calls: both save at the same steps;
+- a rank stopped with SIGSTOP (alive, connected, silent), with and without the launcher, or one that
+  raises: the other stops within the watchdog's bound, naming it in one line, exit code 76; the rerun
+  resumes from the tag the line names, bit for bit.
 
-``tests/stress_preempt.py`` runs the signal trial at 10 random moments."""
+``tests/stress_preempt.py`` runs the signal trial at 10 random moments (half of them SIGTERM to the
+launcher, which SIGTERMs every rank and its loader workers)."""
 import os
 import random
 import re
@@ -26,7 +28,7 @@ from tests.engine.test_train import ROOT, TINY, subprocess_env
 from tests.test_recipe_smoke import shm_buffers
 
 STEPS = 10
-WATCHDOG = 5.0  # train.watchdog_seconds in these runs; a beat every 0.5 s
+WATCHDOG = 8.0  # train.watchdog_seconds in these runs; a beat every 0.8 s
 SETS = ["train.ckpt_every=2", "train.log_every=1", "train.eval_every=0", f"train.watchdog_seconds={WATCHDOG}"]
 
 
@@ -173,10 +175,10 @@ def signal_trial(tmp_path, reference, rng, trial, target):
 
 
 @pytest.mark.slow
-def test_a_signal_at_a_random_moment_continues_bit_exact(tmp_path, reference):
-    rng = random.Random(18)
-    for trial, target in enumerate(["rank", "launcher"]):
-        signal_trial(tmp_path, reference, rng, trial, target)
+def test_a_signal_to_one_rank_at_a_random_moment_continues_bit_exact(tmp_path, reference):
+    """SIGUSR1 to one random rank: both stop at the same step. (The submitit test below is a second random
+    moment, SIGUSR2 to every rank; tests/stress_preempt.py tries 10, half of them SIGTERM to the launcher.)"""
+    signal_trial(tmp_path, reference, random.Random(18), 0, "rank")
 
 
 def silent_rank_1(launch, how):
@@ -206,8 +208,8 @@ def rank_0_stops_naming_rank_1(launch, went_silent):
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 of 2 went silent:"), text[-3000:]
     assert "rerun the same command to resume from the last complete checkpoint, step" in lines[0]
     assert code in (EXIT_PEER_LOST, None), (code, text[-2000:])
-    # the bound: the timeout plus one beat (0.5 s), with room for a loaded 2-core machine
-    assert took < WATCHDOG + 0.5 + 5, took
+    # the bound: the timeout plus one beat, with room for a loaded 2-core machine
+    assert took < WATCHDOG * 1.1 + 5, took
     print(f"rank 0 stopped {took:.1f} s after rank 1 went silent (train.watchdog_seconds={WATCHDOG})")
     return int(re.search(r"last complete checkpoint, step (\d+) in", lines[0]).group(1))
 
@@ -233,10 +235,19 @@ def test_a_stopped_rank_under_the_launcher_is_named(tmp_path):
     assert launch.procs[0].returncode in (EXIT_PEER_LOST, -signal.SIGKILL)
 
 
-RAISE_ON_RANK_1 = '''
+RANK_1_FAST_CLOCK_THEN_RAISE = '''
 import os
 if os.environ.get("SLURM_PROCID") == "1":
+    import time
+    import engine.preempt as preempt
     import engine.run as run
+    real = time.monotonic
+    class Clock:  # rank 1's wall clock runs 600x fast: its train.ckpt_every_minutes=0.1 is due every 0.01 s
+        def __getattr__(self, name):
+            return getattr(time, name)
+        def monotonic(self):
+            return 600 * real()
+    preempt.time = Clock()
     step_of = run.Run.optimizer_step
     def failing_step(self, engine, task, step, *a, **k):
         if step == 5:
@@ -247,15 +258,33 @@ if os.environ.get("SLURM_PROCID") == "1":
 
 
 @pytest.mark.slow
-def test_a_rank_that_raises_without_a_launcher_is_named(tmp_path):
+def test_wall_clock_saves_are_agreed_and_a_rank_that_raises_is_named(tmp_path):
+    """No launcher. Rank 1's clock alone says a checkpoint is due (rank 0's 6 s never pass): both ranks save
+    at the same steps, every such tag complete with both ranks' files. Then rank 1 raises in step 6: rank 0
+    names it in one line, within the watchdog's bound, pointing at the last of those tags."""
+    import json
+
+    from engine.checkpoint import RunDir
+
     inject = tmp_path / "inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(RAISE_ON_RANK_1)
-    launch = Launch(tmp_path / "raised", launcher=False, pythonpath=str(inject))
+    (inject / "sitecustomize.py").write_text(RANK_1_FAST_CLOCK_THEN_RAISE)
+    out = tmp_path / "raised"
+    launch = Launch(out, launcher=False, pythonpath=str(inject),
+                    extra=["train.ckpt_every=100", "train.ckpt_every_minutes=0.1", "train.keep_checkpoints=100"])
     went_silent = silent_rank_1(launch, "raise")
     assert "injected failure on rank 1" in launch.output(1) and launch.procs[1].returncode == 1
-    rank_0_stops_naming_rank_1(launch, went_silent)
+    last = rank_0_stops_naming_rank_1(launch, went_silent)
     launch.kill()
+    saved = [int(s) for s in re.findall(r"wall-clock checkpoint at step (\d+)", launch.output(0))]
+    # rank 1's flag, posted after one boundary's save (not due yet), is due at the next, read at the one after
+    assert saved == [2, 4] and last == 4, launch.output(0)[-2000:]
+    run_dir = RunDir(str(out))
+    for step in saved:
+        tag = f"step_{step:08d}"
+        assert run_dir.check_tag(tag) is None
+        with open(os.path.join(run_dir.ds_dir, tag, "manifest.json")) as f:
+            assert {"rng_rank_00000.pt", "rng_rank_00001.pt"} <= set(json.load(f)["files"])
 
 
 @pytest.mark.slow
@@ -280,51 +309,10 @@ def test_submitit_requeues_at_its_signal_and_resumes_exactly(tmp_path, reference
     assert len(tasks) == 2, job.stderr()
     for t in tasks:
         t.send_signal(signal.SIGUSR2)
-    assert job.result() == 0  # task 0 of the requeued job: the recipe's exit code
-    log = (job.stdout() or "") + (job.stderr() or "")
+    assert job.results() == [0, 0]  # both tasks of the requeued job: the recipe's exit code
+    log = "".join((job.task(r).stdout() or "") + (job.task(r).stderr() or "") for r in range(2))
     stopped = re.findall(r"stopped by SIGUSR2 after step (\d+)", log)
     assert len(stopped) == 1 and "Requeued job" in log, log[-3000:]
     assert f"resumed from step_{int(stopped[0]):08d} at step {stopped[0]}" in log
     assert_same_run(out, reference)
 
-
-FAST_CLOCK_ON_RANK_1 = '''
-import os
-if os.environ.get("SLURM_PROCID") == "1":
-    import time
-    import engine.preempt as preempt
-    real = time.monotonic
-    class Clock:  # rank 1's wall clock runs 600x fast: its train.ckpt_every_minutes=0.1 is due every 0.01 s
-        def __getattr__(self, name):
-            return getattr(time, name)
-        def monotonic(self):
-            return 600 * real()
-    preempt.time = Clock()
-'''
-
-
-@pytest.mark.slow
-def test_the_wall_clock_interval_is_agreed_across_ranks(tmp_path):
-    """Only rank 1's clock ever says a checkpoint is due (rank 0's 6 s never pass in 10 steps): both ranks
-    save at the same steps, every such tag is complete (both ranks' files in its manifest)."""
-    import json
-
-    from engine.checkpoint import RunDir
-
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(FAST_CLOCK_ON_RANK_1)
-    out = tmp_path / "clock"
-    launch = Launch(out, launcher=False, pythonpath=str(inject),
-                    extra=["train.ckpt_every=100", "train.ckpt_every_minutes=0.1", "train.keep_checkpoints=100"])
-    assert launch.wait() == [0, 0], launch.output(1)[-3000:]
-    text = launch.output(0)
-    saved = [int(s) for s in re.findall(r"wall-clock checkpoint at step (\d+)", text)]
-    # rank 1's flag, posted after one boundary's save (not due yet), is due at the next, read at the one after
-    assert saved == [2, 4, 6, 8], text[-2000:]
-    run_dir = RunDir(str(out))
-    for step in saved:  # complete, with both ranks' files: both ranks saved at that step
-        tag = f"step_{step:08d}"
-        assert run_dir.check_tag(tag) is None
-        with open(os.path.join(run_dir.ds_dir, tag, "manifest.json")) as f:
-            assert {"rng_rank_00000.pt", "rng_rank_00001.pt"} <= set(json.load(f)["files"])
