@@ -11,7 +11,7 @@ import torch
 from engine import preempt
 from engine.distributed import LaunchError, launch_environment, slurm_environment
 from engine.watchdog import DONE, FAILED, Watchdog
-from tests.engine.test_train import read_metrics, tiny_config
+from tests.helpers import read_metrics, tiny_config
 
 
 # ---- the signal flag --------------------------------------------------------------------------------

@@ -24,8 +24,7 @@ import pytest
 from engine.distributed import free_port, remove_shm_buffers
 from engine.preempt import EXIT_PEER_LOST, EXIT_PREEMPTED
 from tests.engine.test_resume_exact import losses, logged_steps, weights
-from tests.engine.test_train import ROOT, TINY, subprocess_env
-from tests.test_recipe_smoke import shm_buffers
+from tests.helpers import ROOT, TINY, deepspeed_launcher, shm_buffers, subprocess_env
 
 STEPS = 10
 WATCHDOG = 8.0  # train.watchdog_seconds in these runs; a beat every 0.8 s
@@ -48,7 +47,7 @@ class Launch:
             env["PYTHONPATH"] = f"{pythonpath}:{env['PYTHONPATH']}"
         self.files = []
         if launcher:
-            cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+            cmd = [deepspeed_launcher(), "--num_gpus", "2", "--master_port",
                    str(self.port), *recipe_args(out, workers, extra)]
             self.procs = [self._start(cmd, env, self.log)]
         else:
