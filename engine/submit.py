@@ -43,11 +43,25 @@ class RecipeJob:
         return code
 
     def checkpoint(self) -> "object":
-        """Called by submitit on rank 0 at the preemption signal: the same command again (it resumes from
-        the run directory's newest complete checkpoint); ``--fresh`` is dropped so the rerun continues."""
+        """Called by submitit on rank 0 at the preemption signal: the same command again, which resumes from
+        the run directory's newest complete checkpoint (:func:`resume_args`)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(RecipeJob(self.recipe, [a for a in self.args if a != "--fresh"]))
+        return submitit.helpers.DelayedSubmission(RecipeJob(self.recipe, resume_args(self.args)))
+
+
+def resume_args(args: List[str]) -> List[str]:
+    """A recipe's flags for the requeued job: without ``--fresh`` (it would set the run aside) and ``--init``
+    (a warm start is refused into a folder that holds a run): the rerun continues its own checkpoint."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--init":
+            skip = True
+        elif a != "--fresh" and not a.startswith("--init="):
+            out.append(a)
+    return out
 
 
 def run_recipe_file(recipe: str, args: List[str]) -> int:

@@ -123,6 +123,23 @@ def test_setup_distributed_error_is_exit_code_2(capsys, monkeypatch):
     assert len(err) == 1 and "SLURM_NTASKS" in err[0]
 
 
+def test_the_requeued_job_continues_its_own_run():
+    from engine.submit import RecipeJob, resume_args
+
+    args = ["--out", "runs/x", "--fresh", "--init", "w.pt", "--set", "train.seed=1", "--init=v.pt"]
+    assert resume_args(args) == ["--out", "runs/x", "--set", "train.seed=1"]
+    again = RecipeJob("recipes/pretrain_tiny.py", args).checkpoint()
+    assert again.function.args == ["--out", "runs/x", "--set", "train.seed=1"]
+    assert again.function.recipe.endswith("recipes/pretrain_tiny.py")
+
+
+def test_submit_command_line(capsys):
+    from engine.submit import main
+
+    assert main(["recipes/missing.py", "--local", "--", "--steps", "2"]) == 2
+    assert "recipes/missing.py" in capsys.readouterr().err
+
+
 # ---- heartbeat verdicts -----------------------------------------------------------------------------
 def beat(folder, rank, text):
     os.makedirs(folder / ".heartbeat", exist_ok=True)
