@@ -34,7 +34,10 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def exit_code_of(fn: Callable[[], object]) -> int:
-    """Run ``fn``; bad input (config, data, checkpoint, divergence) -> one line on stderr and exit code 2."""
+    """Run ``fn``; bad input (config, data, checkpoint, divergence) -> one line on stderr and exit code 2; a
+    stop at a signal after a complete save -> one line (main rank) on how to continue and exit code 75
+    (engine/preempt.py lists the codes)."""
+    from engine.preempt import Preempted
     from engine.run import TrainingDiverged
 
     try:
@@ -42,6 +45,10 @@ def exit_code_of(fn: Callable[[], object]) -> int:
     except (*USER_ERRORS, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        return e.exit_code
     return 0
 
 
@@ -168,6 +175,25 @@ def run_finetune_recipe(build: Callable[[], IWMConfig], description: str, argv: 
     print(f"checkpoint: {result.checkpoint}  (best: {os.path.join(result.out_dir, 'best.pt')})")
     print(f"logs:       {result.metrics_csv}")
     return 0
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    """``python -m engine.submit``: a recipe on SLURM through submitit (engine/submit.py, docs/cluster.md)."""
+    p = argparse.ArgumentParser(prog="python -m engine.submit", description="Submit a recipe to SLURM with "
+                                "submitit; it requeues itself when preempted or at its time limit and resumes.")
+    p.add_argument("recipe", help="the recipe file, e.g. recipes/pretrain_vith.py; after a lone --, the recipe's "
+                                  "own flags (--data, --out, --set ...)")
+    p.add_argument("--nodes", type=_positive, default=1)
+    p.add_argument("--gpus-per-node", type=_positive, default=8, help="one task (rank) per GPU")
+    p.add_argument("--cpus-per-task", type=_positive, default=10, help="data loader workers + the rank itself")
+    p.add_argument("--time", type=_positive, default=4320, help="time limit per allocation, minutes")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--signal-delay", type=_positive, default=180,
+                   help="seconds before the time limit at which SLURM signals the job (a step and a save must fit)")
+    p.add_argument("--folder", default="runs/submitit/%j", help="submitit's logs and job pickles (%%j: job id)")
+    p.add_argument("--local", action="store_true", help="submitit's local executor (one node, no SLURM): to try it")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------

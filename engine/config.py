@@ -272,7 +272,13 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # MRR every N steps (0: only at the end)
     ckpt_every: int = 500
+    # also save every N minutes of wall clock (0: off); any rank's clock can call it, every rank saves at
+    # the same step (engine/preempt.py)
+    ckpt_every_minutes: float = 0.0
     keep_checkpoints: int = 2
+    # a rank silent this long (no heartbeat, or stuck behind the others) stops the run, named in one line;
+    # 0: off (engine/watchdog.py). Must exceed the longest pause of one rank alone (a save, an eval).
+    watchdog_seconds: float = 300.0
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
     progress: bool = True
 
@@ -294,6 +300,9 @@ class TrainConfig:
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
+        for name in ("ckpt_every_minutes", "watchdog_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be 0 (off) or positive")
 
 
 @dataclass

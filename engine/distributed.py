@@ -1,4 +1,5 @@
-"""Process-group set-up that works under the DeepSpeed launcher, torchrun, or plain ``python``."""
+"""Process-group set-up that works under the DeepSpeed launcher, torchrun, ``srun`` without a launcher, or
+plain ``python``."""
 from __future__ import annotations
 
 import atexit
@@ -10,6 +11,8 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from engine.config import ConfigError
 
 
 @dataclass
@@ -31,17 +34,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SLURM_NEEDED = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODELIST")
+
+
+class LaunchError(ConfigError):
+    """The environment does not say which rank this process is; the message names the variable to set."""
+
+
+def slurm_environment(environ=None) -> dict:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from what ``srun`` sets for each task:
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and the first host of SLURM_NODELIST (parsed as submitit
+    parses it: ``gpu[003-004,007]`` -> gpu003). MASTER_ADDR / MASTER_PORT already set win; the port is
+    otherwise drawn from the job id (the same for every task of the job, and again after a requeue)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    env = os.environ if environ is None else environ
+    nodelist = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    missing = [k for k in SLURM_NEEDED if not (nodelist if k == "SLURM_NODELIST" else env.get(k))]
+    if missing:
+        raise LaunchError(f"running under srun (SLURM_PROCID is set) but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not: start the ranks with srun inside an "
+                          f"allocation (sbatch / salloc), or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+                          f"MASTER_PORT yourself (or use the deepspeed / torchrun launcher)")
+    try:
+        rank, world, local = (int(env[k]) for k in SLURM_NEEDED[:3])
+        master = _parse_node_list(nodelist)[0]
+    except Exception as e:  # int(), or submitit's parser (its own exception class)
+        raise LaunchError(f"cannot read the SLURM task layout (SLURM_PROCID={env.get('SLURM_PROCID')!r}, "
+                          f"SLURM_NTASKS={env.get('SLURM_NTASKS')!r}, SLURM_LOCALID={env.get('SLURM_LOCALID')!r}, "
+                          f"SLURM_NODELIST={nodelist!r}: {e}): start the ranks with srun") from None
+    job = env.get("SLURM_JOB_ID", "0")
+    port = 20000 + (int(job) if job.isdigit() else sum(map(ord, job))) % 40000
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+            "MASTER_ADDR": env.get("MASTER_ADDR", master), "MASTER_PORT": env.get("MASTER_PORT", str(port))}
+
+
+def launch_environment(environ=None) -> dict:
+    """What this process's rendezvous variables must be: a launcher's (RANK set: deepspeed, torchrun,
+    submitit), srun's SLURM_* (no launcher), or one rank on this host (plain ``python``)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return {}
+    if "SLURM_PROCID" in env:
+        return slurm_environment(env)
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
+
+
 def setup_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA).
 
-    Under plain ``python`` there is no launcher: this sets a one-rank environment first, so DeepSpeed
-    does not go looking for MPI (``mpi4py``)."""
+    Under ``srun`` with no launcher the ranks come from SLURM's variables (:func:`slurm_environment`); under
+    plain ``python`` there is no launcher: this sets a one-rank environment first, so DeepSpeed does not go
+    looking for MPI (``mpi4py``)."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.update(launch_environment())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

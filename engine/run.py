@@ -11,6 +11,11 @@ pretraining task (``engine.pretrain.Pretraining``) and the finetuning protocols 
 Host synchronisation: the step loop never reads a device value; losses and a non-finite count are
 accumulated on the device and read at log, eval and checkpoint steps only. A non-finite loss stops every
 rank at the next of those, before any checkpoint can contain the diverged weights.
+
+Stopping on purpose (``engine/preempt.py``): SIGTERM / SIGUSR1 / SIGUSR2 on any rank, or the wall-clock
+interval ``train.ckpt_every_minutes``, is voted on at every step boundary without a host sync; every rank
+saves at the same step, and a signal then ends the run with :class:`~engine.preempt.Preempted` (exit code
+75). A rank that dies or hangs is named by the others' watchdogs (``engine/watchdog.py``, exit code 76).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Protocol, Tuple
@@ -26,12 +32,14 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine.config import ConfigError, IWMConfig
-from engine.data import ImageDataset, build_loader, to_float_images
-from engine.distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
+from engine.data import DataError, ImageDataset, build_loader, to_float_images
+from engine.distributed import DistInfo, all_reduce_sum, barrier, remove_shm_buffers, setup_distributed
 from engine.flops import device_peak_flops
 from engine.metrics import MetricLogger
 from engine.models import compile_blocks
+from engine.preempt import Preempted, StopSignals, StopVote, preempted
 from engine.schedules import lr_at, weight_decay_at
+from engine.watchdog import DONE, FAILED, Watchdog
 from kernels import dispatch
 
 log = logging.getLogger("iwm")
@@ -93,6 +101,10 @@ class Task(Protocol):
 
 class TrainingDiverged(RuntimeError):
     """The loss became non-finite; the message names the last good checkpoint and how to resume from it."""
+
+
+# what ends a run on every rank alike (the CLI turns them into one line and an exit code): not a silent rank
+AGREED_STOPS = (Preempted, TrainingDiverged, ConfigError, DataError, ckpt_lib.CheckpointError)
 
 
 def start_process(dist_info: Optional[DistInfo] = None) -> DistInfo:
@@ -242,36 +254,100 @@ class Run:
         cfg, info = self.cfg, self.info
         self.task = task
         dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
-        with self.dir.lock(enabled=info.is_main):
-            resume_tag = self._resume_tag()
-            loader, sched = self._data(task)
-            task.load_eval_data()
-            engine = self.build_engine(task)
-            step = self._resume(engine, task, resume_tag) if resume_tag else 0
-            self._start(step, resume_tag)  # the run has proved it can start: only now touch old files
-            self.metrics = MetricLogger(self.dir.path, enabled=info.is_main)
-            self.metrics.drop_after(step if resume_tag else -1)
-            results: Dict[str, float] = {}
-            bar = self._progress(sched.total, step)
-            meters = Meters(self.device)
-            saved_at = None
-            for step, micro_batches in self._optimizer_steps(loader, sched, step):
-                logged = self.optimizer_step(engine, task, step, micro_batches, sched, meters)
-                step += 1
-                bar.update(1)
-                last = step == sched.total
-                if step % cfg.train.log_every == 0 or last:
-                    self._log(step, sched, meters, engine, bar, **logged)
-                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                    results = self._evaluate(step, sched, meters, task, engine, bar)
-                if step % cfg.train.ckpt_every == 0 or last:
-                    self._save(step, sched, meters, engine, task, loader, results)
-                    saved_at = step
-            if saved_at != step:  # resumed at the last step: nothing trained, still export the weights
-                results = self._evaluate(step, sched, meters, task, engine, bar)
-                self._save(step, sched, meters, engine, task, loader, results)
-            bar.close()
+        with self.dir.lock(enabled=info.is_main), StopSignals() as signals:
+            watchdog, state = self._watchdog(), FAILED
+            try:
+                resume_tag = self._resume_tag()
+                loader, sched = self._data(task)
+                task.load_eval_data()
+                engine = self.build_engine(task)
+                step = self._resume(engine, task, resume_tag) if resume_tag else 0
+                self._start(step, resume_tag)  # the run has proved it can start: only now touch old files
+                self.metrics = MetricLogger(self.dir.path, enabled=info.is_main)
+                self.metrics.drop_after(step if resume_tag else -1)
+                vote = StopVote(signals, cfg.train.ckpt_every_minutes)
+                step, results = self._loop(engine, task, loader, sched, step, vote, watchdog)
+                state = DONE
+            except AGREED_STOPS:
+                state = DONE  # every rank stops here (a signal, bad input, divergence): no one is silent
+                raise
+            except Exception as e:
+                if is_communication_error(e):  # a peer died: let the watchdog name it (it ends the process)
+                    watchdog.wait_for_verdict()
+                raise
+            finally:
+                watchdog.stop(state)
             return self._finish(step, results, loader)
+
+    def _loop(self, engine, task, loader, sched: Schedule, step: int, vote: StopVote,
+              watchdog: Watchdog) -> Tuple[int, Dict[str, float]]:
+        """Optimizer steps from ``step`` to the end, with the periodic log / eval / checkpoint and the
+        agreed stop (a signal, the wall-clock interval); returns (the last step, the last eval results)."""
+        cfg = self.cfg
+        results: Dict[str, float] = {}
+        bar = self._progress(sched.total, step)
+        meters = Meters(self.device)
+        saved_at = None
+        for step, micro_batches in self._optimizer_steps(loader, sched, step):
+            watchdog.started_step(step)
+            logged = self.optimizer_step(engine, task, step, micro_batches, sched, meters)
+            step += 1
+            watchdog.finished_step(step)
+            bar.update(1)
+            last = step == sched.total
+            save = lambda: self._save(step, sched, meters, engine, task, loader, results)  # noqa: E731
+            if step % cfg.train.log_every == 0 or last:
+                self._log(step, sched, meters, engine, bar, **logged)
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                results = self._evaluate(step, sched, meters, task, engine, bar)
+            if step % cfg.train.ckpt_every == 0 or last:
+                save()
+                saved_at = step
+                vote.saved()
+            if not last:
+                saved_at = self._agreed_stop(vote, step, saved_at, save)
+        vote.close()
+        if saved_at != step:  # resumed at the last step: nothing trained, still export the weights
+            results = self._evaluate(step, sched, meters, task, engine, bar)
+            self._save(step, sched, meters, engine, task, loader, results)
+        bar.close()
+        if self.info.is_main:
+            log.info("stop vote (signals, train.ckpt_every_minutes): %s", vote.cost())
+        return step, results
+
+    def _agreed_stop(self, vote: StopVote, step: int, saved_at: Optional[int], save: Callable[[], None]):
+        """At every step boundary: what the ranks agreed (engine/preempt.py). A signal: save, then stop with
+        :class:`~engine.preempt.Preempted`; the wall-clock interval: save and go on. Returns the step of the
+        newest checkpoint."""
+        decision = vote.decide()
+        if decision is not None and saved_at != step:
+            if decision == "time" and self.info.is_main:
+                log.info("wall-clock checkpoint at step %d (train.ckpt_every_minutes=%g)", step,
+                         self.cfg.train.ckpt_every_minutes)
+            save()
+            saved_at = step
+            vote.saved()
+        if decision == "signal":
+            raise preempted(vote.signals, step, self.dir.path, ckpt_lib.ds_tag(step))
+        vote.post()
+        return saved_at
+
+    def _watchdog(self) -> Watchdog:
+        """This rank's heartbeat (engine/watchdog.py), started when there are peers to watch."""
+        info, dog = self.info, self.cfg.train.watchdog_seconds
+        last = self.dir.latest_complete_step
+
+        def note() -> str:
+            step = last()
+            return (f"rerun the same command to resume from the last complete checkpoint, step {step} in "
+                    f"{self.dir.path}" if step is not None else "no checkpoint was complete: a rerun starts over")
+
+        def release() -> None:  # what atexit would do: this rank's DeepSpeed shared-memory buffer
+            if self.device.type == "cpu" and "MASTER_PORT" in os.environ:
+                remove_shm_buffers(os.environ["MASTER_PORT"], rank=info.local_rank)
+
+        watchdog = Watchdog(self.dir.path, info.rank, info.world_size, dog, note, release)
+        return watchdog.start() if dog and info.world_size > 1 else watchdog
 
     def optimizer_step(self, engine, task, step: int, micro_batches: List[tuple], sched: Schedule,
                        meters: Meters) -> Dict[str, float]:
@@ -447,6 +523,15 @@ class Run:
                          first_loss=logged[0] if logged else float("nan"), metrics=results,
                          out_dir=self.dir.path, checkpoint=self.dir.weights, metrics_csv=self.metrics.csv_path,
                          plot=plot, data_summary=summary)
+
+
+def is_communication_error(e: BaseException) -> bool:
+    """An error raised by the process group (a peer's connection closed or timed out), not by this rank's
+    own code: only then is there a silent peer to name."""
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+        w in str(e) for w in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")))
 
 
 def check_resume_config(saved: dict, cfg: IWMConfig, out_dir: str) -> None:
