@@ -277,6 +277,10 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces without code generation)
     log_every: int = 10
+    # collapse monitors at log steps (engine/monitors.py, docs/method.md "Monitors"): RankMe over the image-level
+    # target features of this many batches (0: no monitors), the action's effect on this many samples
+    monitor_window: int = 16
+    monitor_samples: int = 4
     eval_every: int = 0  # MRR every N steps (0: only at the end)
     ckpt_every: int = 500
     keep_checkpoints: int = 2
@@ -298,6 +302,9 @@ class TrainConfig:
                               "train.compile=false")
         if self.compile_backend not in ("inductor", "aot_eager", "eager"):
             raise ConfigError(f"train.compile_backend={self.compile_backend!r}: use inductor, aot_eager or eager")
+        if self.monitor_window < 0 or self.monitor_samples < 1:
+            raise ConfigError(f"train.monitor_window={self.monitor_window}, train.monitor_samples="
+                              f"{self.monitor_samples}: need a window >= 0 batches (0: no monitors) and >= 1 sample")
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
