@@ -126,3 +126,27 @@ def collapse_warning(values: Dict[str, float]) -> Optional[str]:
         return None
     return (f"the target representation is collapsing ({', '.join(low)}): the targets barely differ between "
             f"images; check the EMA (optim.ema), the LR (optim.lr) and the views (docs/method.md, \"Monitors\")")
+
+
+@torch.no_grad()
+def held_out_spatial(model, target_encoder, images: torch.Tensor, cfg, generator: torch.Generator,
+                     chunk: int = 64) -> Dict[str, float]:
+    """The spatial monitors on held-out images [M, 3, H, W] (``python -m engine.eval mrr`` prints them): the
+    training protocol (views, action, masks) with draws from ``generator``, pooled over all images."""
+    from engine.loss import target_tokens
+    from engine.masks import MaskSampler
+    from engine.views import make_views
+
+    sampler = MaskSampler(cfg.masks, *model.encoder.grid)
+    mask_gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator,
+                                                               device=generator.device)))
+    num = den = spread = 0.0
+    for s in range(0, len(images), chunk):
+        source, target, action, _, _ = make_views(images[s:s + chunk], cfg.views, generator=generator)
+        masks = sampler.sample(len(source), mask_gen).to(images.device)
+        pred = model.predictor(model.encoder(source, masks), masks, action).double()
+        t = target_tokens(target_encoder(target), masks, cfg.model.target_norm_eps).double()
+        pc, tc = within_image(pred, masks), within_image(t, masks)
+        num, den = num + (pc - tc).pow(2).sum().item(), den + tc.pow(2).sum().item()
+        spread += pred_spread(pred, masks).item() * len(source)
+    return {"spatial_r2": 1.0 - num / den, "pred_spread": spread / len(images)}
