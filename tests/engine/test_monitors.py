@@ -147,3 +147,31 @@ def test_mask_batch_head_keeps_the_first_samples():
     assert h.context_counts == masks.context_counts[:2] and h.target_counts == masks.target_counts[:2]
     assert torch.equal(h.target_idx, torch.cat(per_sample(masks.target_idx, masks.target_counts)[:2]))
     assert torch.equal(h.context_idx, torch.cat(per_sample(masks.context_idx, masks.context_counts)[:2]))
+
+
+class FakeTask:
+    def __init__(self, values):
+        self.values = values
+
+    def monitors(self, module, autocast):
+        return dict(self.values)
+
+
+def test_the_run_core_warns_once_when_the_targets_collapse(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from engine.distributed import DistInfo
+    from engine.run import Run
+
+    cfg = tiny_cfg()
+    cfg.train.out_dir = str(tmp_path)
+    run = Run(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    run.task = FakeTask({"target_std": 0.5, "rankme": 20.0})
+    engine = SimpleNamespace(module=None)
+    with caplog.at_level("WARNING", logger="iwm"):
+        assert run._monitors(engine) == {"rankme": 20.0, "target_std": 0.5}
+        assert not caplog.records
+        run.task.values["target_std"] = 0.05
+        run._monitors(engine)
+        run._monitors(engine)
+    assert len(caplog.records) == 1 and "target_std 0.05 < 0.1" in caplog.records[0].getMessage()
