@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from engine import monitors as mon
 from engine.masks import MaskBatch, MaskSampler
 from engine.pretrain import Pretraining
-from tests.engine.test_models import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def ragged(counts, grid=(4, 4), seed=0):
