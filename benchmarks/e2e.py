@@ -193,6 +193,17 @@ def our_engine(args, images: torch.Tensor, out_dir: str):
     return cfg, run, task, run.build_engine(task)
 
 
+def time_monitors(task, engine, run, calls: int) -> dict:
+    """Wall and CPU seconds of the collapse monitors at one log step (``task.monitors``, engine/monitors.py),
+    mean over ``calls`` calls on the last step's batch."""
+    task.monitors(engine.module, run.autocast)  # warm-up
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        task.monitors(engine.module, run.autocast)
+    return {"monitor_s": (time.perf_counter() - t0) / calls,
+            "cpu_monitor_s": (time.process_time() - c0) / calls / torch.get_num_threads()}
+
+
 def run_ours(args, images: torch.Tensor) -> dict:
     from engine.run import Meters, Schedule
     from engine.views import make_views
@@ -211,6 +222,7 @@ def run_ours(args, images: torch.Tensor) -> dict:
         counted = Meters(run.device)  # the FLOP-counted step's tokens
         result = measure(step, lambda: run.optimizer_step(engine, task, 0, [(images[0], labels)], sched, counted),
                          args.warmup, args.steps)
+        result.update(time_monitors(task, engine, run, args.steps), log_every=cfg.train.log_every)
     per_img = {k: v / meters.images for k, v in meters.tokens.items()}
     result.update(side="ours", flop_per_step=result["flop_per_step"] - views_flops, views_flop_per_step=views_flops,
                   context_tokens=per_img["context"], target_tokens=per_img["target"],
@@ -412,6 +424,10 @@ def summarise(runs: list) -> dict:
            ("s_per_step", "cpu_s_per_step", "peak_rss_mb", "flop_per_step", "matmul_peak_wall", "matmul_peak_cpu",
             "context_tokens", "target_tokens", "predictor_tokens")}
     batch = runs[0]["batch"]
+    if "monitor_s" in runs[0]:  # ours: the collapse monitors' share of a step, at a log step and per step
+        for c in ("", "cpu_"):
+            med[c + "monitor_fraction"] = statistics.median(r[c + "monitor_s"] / r[c + "s_per_step"] for r in runs)
+        med["log_every"] = runs[0]["log_every"]
     med["img_per_s"] = batch / med["s_per_step"]
     med["img_per_s_cpu"] = batch / med["cpu_s_per_step"]
     med["flop_per_s"] = statistics.median(r["flop_per_step"] / r["s_per_step"] for r in runs)
@@ -446,6 +462,10 @@ def print_table(model: str, sides: dict, args) -> None:
         r = ratios(sides["ours-compile"], sides["ours"])
         print(f"compile on / off (train.compile): img/s {r['img_per_s' + c]:.3f}x, over the timed steps after "
               f"{args.warmup} warm-up steps (the compile happens in the warm-up)")
+    if "monitor_fraction" in sides.get("ours", {}):
+        f = sides["ours"]["cpu_monitor_fraction" if c else "monitor_fraction"]
+        print(f"ours: collapse monitors at a log step {100 * f:.2f}% of a step, {100 * f / sides['ours']['log_every']:.2f}% "
+              f"per step at the recipe's train.log_every={sides['ours']['log_every']}")
     for name, s in sides.items():
         if name not in ("ours", "ours-compile") and "ours" in sides:
             r = ratios(sides["ours"], s)

@@ -222,6 +222,7 @@ def _folder(arg: Optional[str]) -> Optional[str]:
 
 def run_mrr(args) -> dict:
     from engine.eval import chance_mrr, load_eval_images, load_model, mrr_interval, reciprocal_rank_per_image
+    from engine.monitors import held_out_spatial
 
     device = torch.device(args.device)
     cfg, model, target, ckpt = load_model(args.ckpt, device)
@@ -236,11 +237,13 @@ def run_mrr(args) -> dict:
               "candidates": cfg.eval.mrr_candidates,
               "images": len(images), "data": args.data or "embedded", "checkpoint": args.ckpt,
               "step": ckpt.get("step"), "conditioning": cfg.model.conditioning}
+    result.update(held_out_spatial(model, target, images, cfg, torch.Generator(device=device).manual_seed(args.seed)))
     if args.per_op:
         result["per_op"] = _per_op(model, target, images, cfg, args)
     out = _write_json(args, "mrr.json", result)
     print(f"MRR {mrr:.4f} (95% interval {lo:.4f}-{hi:.4f}) over {len(images)} images x "
-          f"{cfg.eval.mrr_candidates} candidates (chance {result['chance']:.4f}); wrote {out}")
+          f"{cfg.eval.mrr_candidates} candidates (chance {result['chance']:.4f}); spatial R^2 "
+          f"{result['spatial_r2']:.3f}, predictions' spread across positions {result['pred_spread']:.3f}; wrote {out}")
     return result
 
 

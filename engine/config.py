@@ -158,6 +158,7 @@ ENCODER_SIZES = {
     "vit_huge": (1280, 32, 16),
 }
 CONDITIONING_MODES = ("feature", "sequence", "none")
+COND_POSITIONS = ("before", "after", "residual")
 
 
 @dataclass
@@ -175,6 +176,10 @@ class ModelConfig:
     predictor_width: int = 384
     predictor_heads: int = 12
     conditioning: str = "feature"  # feature | sequence | none (= I-JEPA)
+    # feature conditioning: where a mask token's position enters (docs/method.md "Feature conditioning"):
+    # 'before' the MLP (MLP([mask token + position, action]), the method's text), 'after' it
+    # (MLP([mask token, action]) + position) or 'residual' (token + MLP([token, action]), token = mask token + position)
+    cond_position: str = "before"
     # eps of the layer norm applied to the target encoder's features (the regression targets)
     target_norm_eps: float = 1e-6
 
@@ -207,6 +212,8 @@ class ModelConfig:
             raise ConfigError(f"model.drop_path={self.drop_path}: the stochastic-depth rate must be in [0, 1)")
         if self.conditioning not in CONDITIONING_MODES:
             raise ConfigError(f"model.conditioning={self.conditioning!r}: use one of {CONDITIONING_MODES}")
+        if self.cond_position not in COND_POSITIONS:
+            raise ConfigError(f"model.cond_position={self.cond_position!r}: use one of {COND_POSITIONS}")
         if not self.target_norm_eps > 0:
             raise ConfigError(f"model.target_norm_eps={self.target_norm_eps}: must be positive (e.g. 1e-6)")
 
@@ -270,6 +277,10 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces without code generation)
     log_every: int = 10
+    # collapse monitors at log steps (engine/monitors.py, docs/method.md "Monitors"): RankMe over the image-level
+    # target features of this many batches (0: no monitors), the action's effect on this many samples
+    monitor_window: int = 16
+    monitor_samples: int = 4
     eval_every: int = 0  # MRR every N steps (0: only at the end)
     ckpt_every: int = 500
     # also save every N minutes of wall clock (0: off); any rank's clock can call it, every rank saves at
@@ -297,6 +308,9 @@ class TrainConfig:
                               "train.compile=false")
         if self.compile_backend not in ("inductor", "aot_eager", "eager"):
             raise ConfigError(f"train.compile_backend={self.compile_backend!r}: use inductor, aot_eager or eager")
+        if self.monitor_window < 0 or self.monitor_samples < 1:
+            raise ConfigError(f"train.monitor_window={self.monitor_window}, train.monitor_samples="
+                              f"{self.monitor_samples}: need a window >= 0 batches (0: no monitors) and >= 1 sample")
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
@@ -432,6 +446,9 @@ class IWMConfig:
                 kw[f.name] = v
             return kind(**kw)
 
+        d = dict(d)
+        if "model" in d and "cond_position" not in d["model"]:  # saved before the option: the MLP took the position
+            d["model"] = {**d["model"], "cond_position": "before"}
         return build(cls, d)
 
     def override(self, assignment: str) -> None:

@@ -246,6 +246,10 @@ class Finetuning:
         self.step_done = step
         return {}
 
+    def monitors(self, module, autocast: Callable) -> Dict[str, float]:
+        """No collapse monitors: the labels' loss cannot collapse the way a self-supervised target can."""
+        return {}
+
     def tokens(self, out) -> Dict[str, int]:
         return {}  # every patch, every image: step_flops counts them from the image count
 

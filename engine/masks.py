@@ -71,6 +71,12 @@ class MaskBatch:
                          self.target_idx.to(device, non_blocking=non_blocking), self.context_counts,
                          self.target_counts)
 
+    def head(self, k: int) -> "MaskBatch":
+        """The masks of the first ``k`` samples (their packed rows come first)."""
+        nc, nt = sum(self.context_counts[:k]), sum(self.target_counts[:k])
+        return MaskBatch(self.grid, self.context_idx[:nc], self.target_idx[:nt], self.context_counts[:k],
+                         self.target_counts[:k])
+
     def repeat(self, times: int) -> "MaskBatch":
         """This single-sample mask for `times` samples (the MRR's candidates share one mask)."""
         if self.batch_size != 1:

@@ -1,4 +1,4 @@
-"""Run logs: a CSV row per logged step, TensorBoard scalars, and a loss / MRR plot (PNG)."""
+"""Run logs: a CSV row per logged step, TensorBoard scalars, and a loss / MRR / monitors plot (PNG)."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +7,7 @@ import os
 from typing import Dict, List, Optional
 
 from engine.checkpoint import atomic_write
+from engine.monitors import COLLAPSE_RANK, COLLAPSE_STD
 
 
 class MetricLogger:
@@ -75,6 +76,7 @@ class MetricLogger:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     def plot(self, chance_mrr: Optional[float] = None) -> Optional[str]:
+        """curves.png: the loss, the MRR and, when logged, the collapse monitors (engine/monitors.py)."""
         if not self.enabled or not self.rows:
             return None
         import matplotlib
@@ -82,7 +84,17 @@ class MetricLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        monitored = any("target_std" in r for r in self.rows)
+        fig, axes = plt.subplots(2 if monitored else 1, 2, figsize=(10, 7.2 if monitored else 3.6), squeeze=False)
+        self._plot_loss_mrr(axes[0, 0], axes[0, 1], chance_mrr)
+        if monitored:
+            self._plot_monitors(axes[1, 0], axes[1, 1])
+        fig.tight_layout()
+        atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+        return self.plot_path
+
+    def _plot_loss_mrr(self, ax1, ax2, chance_mrr: Optional[float]) -> None:
         ax1.plot(*self.series("loss"), lw=1)
         ax1.set_xlabel("step")
         ax1.set_ylabel("L2 loss")
@@ -97,10 +109,27 @@ class MetricLogger:
         ax2.set_ylabel("MRR")
         ax2.set_ylim(0, max([0.1, *(1.25 * v for v in mrr)]))  # MRR is in (0, 1]; zoom on small values
         ax2.set_title("world-model MRR")
-        fig.tight_layout()
-        atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-        plt.close(fig)
-        return self.plot_path
+
+    def _plot_monitors(self, ax1, ax2) -> None:
+        ax1.plot(*self.series("target_std"), lw=1, c="C0", label="target std across images")
+        ax1.axhline(COLLAPSE_STD, ls="--", c="C0", lw=0.8)
+        ax1.set_ylim(0, 1)
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("target std (layer-normed: <= 1)")
+        twin = ax1.twinx()
+        twin.plot(*self.series("rankme"), lw=1, c="C1", label="RankMe")
+        twin.axhline(COLLAPSE_RANK, ls="--", c="C1", lw=0.8)
+        twin.set_ylim(bottom=0)
+        twin.set_ylabel("RankMe")
+        ax1.legend(handles=ax1.get_lines()[:1] + twin.get_lines()[:1], loc="lower right", fontsize=8)
+        ax1.set_title("targets (dashed: collapse thresholds)")
+        for key, label in (("pred_spread", "spread across positions"), ("spatial_r2", "spatial R^2"),
+                           ("action_effect", "action effect")):
+            ax2.plot(*self.series(key), lw=1, label=label)
+        ax2.axhline(0, c="gray", lw=0.5)
+        ax2.set_xlabel("step")
+        ax2.set_title("predictor")
+        ax2.legend(fontsize=8)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -167,18 +167,27 @@ class Encoder(nn.Module):
 
 class FeatureConditioning(nn.Module):
     """IWM's feature conditioning: [mask token + position, action] -> 3-layer MLP (a 1x1-conv network
-    per token) -> predictor width. Computed by ``kernels.feature_conditioning`` (fused on CUDA)."""
+    per token) -> predictor width. Computed by ``kernels.feature_conditioning`` (fused on CUDA).
+    ``position`` (``model.cond_position``) says where the position enters: 'before' the MLP (as above),
+    'after' it (MLP([mask token, action]) + position) or 'residual' (token + MLP([token, action]))."""
 
-    def __init__(self, width: int, action_dim: int):
+    def __init__(self, width: int, action_dim: int, position: str = "before"):
         super().__init__()
         self.fc1 = nn.Linear(width + action_dim, width)
         self.fc2 = nn.Linear(width, width)
         self.fc3 = nn.Linear(width, width)
+        self.position = position
 
     def forward(self, mask_token, pos_embed, target_pos, action, token_batch):
-        return feature_conditioning(mask_token, pos_embed, target_pos, action, token_batch,
-                                    self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                    self.fc3.weight, self.fc3.bias)
+        mlp_pos = torch.zeros_like(pos_embed) if self.position == "after" else pos_embed  # [N, W]
+        out = feature_conditioning(mask_token, mlp_pos, target_pos, action, token_batch,
+                                   self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                   self.fc3.weight, self.fc3.bias)  # [Tt, W]
+        if self.position == "after":
+            return out + pos_embed[target_pos]
+        if self.position == "residual":
+            return out + mask_token + pos_embed[target_pos]
+        return out
 
 
 class SequenceConditioning(nn.Module):
@@ -209,7 +218,7 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos_embed", sincos_2d(w, *grid), persistent=False)  # [N, W]
         if m.conditioning == "feature":
-            self.cond = FeatureConditioning(w, action_dim)
+            self.cond = FeatureConditioning(w, action_dim, m.cond_position)
         elif m.conditioning == "sequence":
             self.cond = SequenceConditioning(w, action_dim)
         else:

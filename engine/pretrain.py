@@ -19,7 +19,8 @@ from engine.distributed import DistInfo, gathered
 from engine.ema import TargetEncoder
 from engine.flops import step_flops
 from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
-from engine.loss import iwm_loss
+from engine import monitors as mon
+from engine.loss import iwm_loss, target_tokens
 from engine.masks import MaskBatch, MaskSampler
 from engine.models import IWM
 from engine.run import Run, RunResult, param_groups, start_process
@@ -31,6 +32,11 @@ from engine.views import make_views
 class StepOutput:
     loss: torch.Tensor  # fp32 scalar, before backward
     masks: MaskBatch
+    # what the collapse monitors read (detached): the views' source and action, the targets, the predictions
+    source_view: Optional[torch.Tensor] = None  # [B, 3, H, W]
+    action: Optional[torch.Tensor] = None  # [B, A]
+    target_feats: Optional[torch.Tensor] = None  # [B, N, D]
+    pred: Optional[torch.Tensor] = None  # [Tt, D]
 
 
 def pretrain_step(cfg: IWMConfig, predict: Callable, target_encoder: Callable, images: torch.Tensor,
@@ -51,7 +57,7 @@ def pretrain_step(cfg: IWMConfig, predict: Callable, target_encoder: Callable, i
     with autocast():
         pred = predict(source_view, masks, action)  # [Tt, D]: encoder on x's context, action-conditioned predictor
     loss = iwm_loss(pred, target_feats, masks, cfg.model.target_norm_eps)  # fp32
-    return StepOutput(loss, masks)
+    return StepOutput(loss, masks, source_view, action, target_feats, pred.detach())
 
 
 class Pretraining:
@@ -70,6 +76,8 @@ class Pretraining:
         self.mask_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank)
         self.eval_images: Optional[torch.Tensor] = None
         self.chance = chance_mrr(cfg.eval.mrr_candidates)
+        self.window = mon.FeatureWindow(cfg.train.monitor_window) if cfg.train.monitor_window else None
+        self.last: Optional[StepOutput] = None  # the last micro-batch, for the monitors at log steps
 
     def load_eval_data(self) -> None:
         """The held-out MRR images (every rank loads them before DeepSpeed starts: a bad folder stops all)."""
@@ -87,8 +95,12 @@ class Pretraining:
         return self.model.external_parameters()
 
     def step(self, engine, images: torch.Tensor, labels: torch.Tensor, autocast: Callable) -> StepOutput:
-        return pretrain_step(self.cfg, engine, self.target_encoder, images, self.mask_sampler, self.view_gen,
-                             self.mask_gen, autocast)
+        out = pretrain_step(self.cfg, engine, self.target_encoder, images, self.mask_sampler, self.view_gen,
+                            self.mask_gen, autocast)
+        if self.window is not None:
+            self.window.add(out.target_feats)
+            self.last = out
+        return out
 
     def after_update(self, step: int, total: int) -> Dict[str, float]:
         """After optimizer step ``step`` (1-based): the EMA of the target encoder."""
@@ -113,6 +125,34 @@ class Pretraining:
             mrr = mean_reciprocal_rank(module, self.target_encoder, self.eval_images, self.cfg, generator=gen)
         module.train()
         return {"mrr": mrr}
+
+    @torch.no_grad()
+    def monitors(self, module, autocast: Callable) -> Dict[str, float]:
+        """The collapse monitors (``engine/monitors.py``) of the last micro-batch, every rank (a host sync)."""
+        last, eps = self.last, self.cfg.model.target_norm_eps
+        if last is None:
+            return {}
+        values = {"target_std": mon.target_std(last.target_feats, eps),
+                  "rankme": mon.rankme(self.window.features()),
+                  "pred_spread": mon.pred_spread(last.pred, last.masks),
+                  "spatial_r2": mon.spatial_r2(last.pred, target_tokens(last.target_feats, last.masks, eps), last.masks)}
+        if last.masks.batch_size > 1:
+            values["action_effect"] = self._action_effect(module, last, autocast)
+        return {k: float(v) for k, v in values.items()}
+
+    def _action_effect(self, module, last: StepOutput, autocast: Callable) -> torch.Tensor:
+        """The predictions of the first ``train.monitor_samples`` samples under their own action and under the
+        next sample's (one encoder pass, one predictor pass over both), eval mode: no stochastic depth."""
+        k = min(self.cfg.train.monitor_samples, last.masks.batch_size)
+        masks = last.masks.head(k)
+        actions = torch.cat([last.action[:k], last.action.roll(-1, 0)[:k]])
+        module.eval()
+        with autocast():
+            context = module.encoder(last.source_view[:k], masks)  # [Tc, D]
+            pred = module.predictor(context.repeat(2, 1), mon.tiled(masks, 2), actions)  # [2 Tt, D]
+        module.train()
+        own, other = pred.chunk(2)
+        return mon.action_effect(own, other)
 
     # ---- what a checkpoint holds besides DeepSpeed's engine state -------------------------------------
     def state_dict(self) -> dict:

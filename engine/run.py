@@ -37,6 +37,7 @@ from engine.distributed import DistInfo, all_reduce_sum, barrier, remove_shm_buf
 from engine.flops import device_peak_flops
 from engine.metrics import MetricLogger
 from engine.models import compile_blocks
+from engine.monitors import collapse_warning
 from engine.preempt import Preempted, StopSignals, StopVote, preempted
 from engine.schedules import lr_at, weight_decay_at
 from engine.watchdog import DONE, FAILED, Watchdog
@@ -85,6 +86,9 @@ class Task(Protocol):
 
     def evaluate(self, module, autocast: Callable) -> Dict[str, float]:
         """Held-out metrics (main rank; every rank under ZeRO-3)."""
+
+    def monitors(self, module, autocast: Callable) -> Dict[str, float]:
+        """Collapse monitors of the last step, at log steps, on every rank (engine/monitors.py; {}: none)."""
 
     def state_dict(self) -> dict: ...
 
@@ -248,6 +252,8 @@ class Run:
         self.dir = ckpt_lib.RunDir(cfg.train.out_dir)
         self.autocast = autocast_context(cfg, self.device)
         self.peak = device_peak_flops(self.device)
+        self.warned = False  # the collapse warning is given once per run
+        self.monitor_s = 0.0  # the last log step's monitor time
 
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self, task: Task) -> RunResult:
@@ -487,10 +493,25 @@ class Run:
         grad_norm = engine.get_global_grad_norm()  # None / nan under ZeRO-0 fp32 (not tracked)
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             extra["grad_norm"] = float(grad_norm)
+        extra.update(self._monitors(engine))
         self.metrics.log(step, loss=loss, img_per_s=img_s, tflops_per_device=tflops, **values, **extra,
                          epoch=step / sched.steps_per_epoch)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values.get('lr', 0):.2e}", img_s=f"{img_s:.1f}")
         meters.reset()
+
+    def _monitors(self, engine) -> Dict[str, float]:
+        """The task's collapse monitors, averaged over ranks; one warning line the first time one crosses its
+        collapse threshold (engine/monitors.py). Their time is not training time (img/s)."""
+        started = time.time()
+        values = self.task.monitors(engine.module, self.autocast)
+        n = self.info.world_size
+        values = {k: all_reduce_sum(v, self.device) / n for k, v in sorted(values.items())}
+        warning = collapse_warning(values)
+        if warning and not self.warned and self.info.is_main:
+            log.warning("%s", warning)
+        self.warned = self.warned or bool(warning)
+        self.monitor_s = time.time() - started
+        return values
 
     def _evaluate(self, step: int, sched, meters: Meters, task, engine, bar) -> Dict[str, float]:
         self._check_finite(step, meters)

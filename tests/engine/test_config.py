@@ -47,6 +47,8 @@ def test_bad_overrides(assignment, needle):
     ("model.encoder='vit_giant'", "unknown"),
     ("model.predictor_width=100", "not divisible"),
     ("masks.block_scale=(0.3, 0.2)", "min <= max"),
+    ("model.cond_position='inside'", "model.cond_position='inside': use one of"),
+    ("train.monitor_samples=0", "train.monitor_samples"),
 ])
 def test_bad_values_name_the_field(assignment, needle):
     cfg = IWMConfig()
@@ -60,3 +62,12 @@ def test_set_accepts_true_false(raw, value):
     cfg = IWMConfig()
     cfg.override(f"train.activation_checkpointing={raw}")
     assert cfg.train.activation_checkpointing is value
+
+
+def test_configs_saved_before_the_position_option_load_with_the_position_before_the_mlp():
+    saved = IWMConfig().to_dict()
+    del saved["model"]["cond_position"]  # what a checkpoint written before the option holds
+    assert IWMConfig.from_dict(saved).model.cond_position == "before"
+    now = IWMConfig()
+    now.model.cond_position = "residual"
+    assert IWMConfig.from_dict(now.to_dict()).model.cond_position == "residual"

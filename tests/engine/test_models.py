@@ -109,6 +109,26 @@ def test_packed_predictor_equals_per_sample_loop(mode):
     torch.testing.assert_close(out, predictor_loop(model.predictor, context, masks, action), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("position", ["before", "after", "residual"])
+def test_feature_conditioning_position_options_follow_their_formulas(position):
+    """model.cond_position: MLP([mask + pos, a]) | MLP([mask, a]) + pos | (mask + pos) + MLP([mask + pos, a])."""
+    cfg = tiny_cfg("feature")
+    cfg.model.cond_position = position
+    torch.manual_seed(3)
+    pred = IWM(cfg).predictor
+    _, masks, action = sample(cfg, 3, seed=3)
+    c = pred.cond
+    pos = pred.pos_embed[masks.target_idx]  # [Tt, W]
+    a = action[masks.target_batch]
+
+    def mlp(tok):
+        return c.fc3(F.gelu(c.fc2(F.gelu(c.fc1(torch.cat([tok, a], 1))))))
+
+    tok = pred.mask_token + pos
+    ref = {"before": mlp(tok), "after": mlp(pred.mask_token.expand_as(pos)) + pos, "residual": tok + mlp(tok)}
+    torch.testing.assert_close(pred.mask_tokens(masks, action), ref[position], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode,changes", [("feature", True), ("sequence", True), ("none", False)])
 def test_action_changes_prediction_only_when_conditioned(mode, changes):
     cfg = tiny_cfg(mode)

@@ -32,6 +32,24 @@ def test_short_run_loss_decreases(trained_run):
     assert 0.0 < result.mrr <= 1.0
 
 
+MONITORS = ("target_std", "rankme", "pred_spread", "spatial_r2", "action_effect")
+
+
+@pytest.mark.slow
+def test_collapse_monitors_in_the_csv_and_tensorboard(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = trained_run
+    rows = [r for r in read_metrics(out) if r.get("loss")]
+    for r in rows:  # every log step
+        v = {k: float(r[k]) for k in MONITORS}
+        assert 0 < v["target_std"] <= 1 and 1 <= v["rankme"] <= 48, v  # at most the encoder width
+        assert v["spatial_r2"] <= 1 and v["pred_spread"] >= 0 and v["action_effect"] >= 0, v
+    acc = EventAccumulator(str(out / "tensorboard")).Reload()
+    for k in MONITORS:
+        assert len(acc.Scalars(k)) == len(rows), k
+
+
 @pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained_run, tmp_path):
     from engine.pretrain import pretrain
@@ -66,7 +84,7 @@ def test_eval_cli_on_the_checkpoint(trained_run, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "m.json").read_text())
     assert 0 < res["mrr"] <= 1 and res["candidates"] == 8 and res["images"] == 2
-    assert "MRR" in p.stdout
+    assert "MRR" in p.stdout and res["spatial_r2"] <= 1 and res["pred_spread"] >= 0 and "spatial R^2" in p.stdout
     from engine.eval import JITTER_OPS, PER_OP_CANDIDATES, chance_mrr
     assert list(res["per_op"]) == list(JITTER_OPS) + ["all"]
     assert all(abs(r["chance"] - chance_mrr(PER_OP_CANDIDATES)) < 1e-9 for r in res["per_op"].values())

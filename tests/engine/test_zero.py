@@ -33,9 +33,9 @@ def launch(out, stage, steps=STEPS, port_offset=0):
     return p
 
 
-def losses(out):
+def losses(out, column="loss"):
     with open(os.path.join(out, "metrics.csv")) as f:
-        return {int(float(r["step"])): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
+        return {int(float(r["step"])): float(r[column]) for r in csv.DictReader(f) if r.get("loss")}
 
 
 def weights(out):
@@ -59,6 +59,9 @@ def test_every_stage_matches_plain_data_parallel(runs, stage):
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in ref:
         assert got[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-6), (stage, s)
+    for column in ("target_std", "rankme", "pred_spread", "spatial_r2", "action_effect"):  # every rank's forwards
+        ref_m, got_m = losses(runs[0], column), losses(runs[stage], column)
+        assert got_m == pytest.approx(ref_m, rel=1e-3, abs=1e-6), (stage, column)
     a, b = weights(runs[0]), weights(runs[stage])
     assert b["step"] == STEPS and json.loads((runs[stage] / "config.json").read_text())["train"]["zero_stage"] == stage
     for part in ("encoder", "predictor", "target_encoder"):  # consolidated from the shards, full shapes
