@@ -56,6 +56,7 @@ def test_rankme_formula_and_its_extremes():
 
 
 def test_pred_spread_and_spatial_r2_against_per_image_loops():
+    torch.manual_seed(0)  # float32 arithmetic: a fixed draw keeps the tolerances meaningful
     counts = [3, 5, 2]
     masks = ragged(counts)
     pred, targets = torch.randn(10, 4), torch.randn(10, 4)
@@ -66,10 +67,10 @@ def test_pred_spread_and_spatial_r2_against_per_image_loops():
         num += ((pc - tc) ** 2).sum().item()
         den += (tc ** 2).sum().item()
     assert mon.pred_spread(pred, masks).item() == pytest.approx(sum(spread) / 3, rel=1e-5)
-    assert mon.spatial_r2(pred, targets, masks).item() == pytest.approx(1 - num / den, rel=1e-6)
+    assert mon.spatial_r2(pred, targets, masks).item() == pytest.approx(1 - num / den, rel=1e-5, abs=1e-6)
     # one prediction per image (whatever it is) explains none of the within-image variance; the targets all of it
     flat = torch.cat([torch.randn(1, 4).expand(n, 4) for n in counts])
-    assert mon.spatial_r2(flat, targets, masks).item() == pytest.approx(0.0, abs=1e-9)
+    assert mon.spatial_r2(flat, targets, masks).item() == pytest.approx(0.0, abs=1e-6)
     assert mon.pred_spread(flat, masks).item() == pytest.approx(0.0, abs=1e-6)
     assert mon.spatial_r2(targets + torch.randn(3, 4).repeat_interleave(torch.tensor(counts), 0), targets,
                           masks).item() == pytest.approx(1.0)
