@@ -1,6 +1,6 @@
 """The invariant / equivariant study at CPU scale: does the paper's direction hold for tiny IWMs?
 
-    OMP_NUM_THREADS=1 python benchmarks/inv_equi_study.py            # the study (docs/finetune.md)
+    OMP_NUM_THREADS=1 python benchmarks/inv_equi_study.py            # the study (docs/results.md)
     python benchmarks/inv_equi_study.py --quick                     # a smoke check of every stage (seconds)
 
 Two IWMs are pretrained on the embedded data from the demo recipe (``recipes/pretrain_tiny.config()``: its

@@ -273,7 +273,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute encoder / predictor blocks in the backward pass
     # torch.compile of every ViT block of the trained networks (encoder, predictor), dynamic in the ragged token
     # count (no recompile per batch) with the ragged attention left eager (engine.models.compile_blocks). Off by
-    # default: 1.0x measured on CPU (README, "Measured"); GPU not yet measured (make gpu-check, benchmarks/e2e.py)
+    # default: 0.90x img/s at ViT-Ti on CPU (docs/results.md); GPU not yet measured (make gpu-check, benchmarks/e2e.py)
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces without code generation)
     log_every: int = 10

@@ -23,13 +23,13 @@ def config() -> IWMConfig:
     cfg.model.conditioning = "feature"
     # the paper's strong-jitter setting (about 0.8/0.8/0.8/0.2): the regime where IWM_{12,384} becomes an
     # equivariant world model at ImageNet scale (docs/method.md: MRR 0.81). Which ops this demo's predictor has
-    # learned: `python -m engine.eval mrr --ckpt RUN --per-op 32` (README "Measured").
+    # learned: `python -m engine.eval mrr --ckpt RUN --per-op 32` (docs/results.md).
     cfg.views = strong_jitter()
     cfg.views.jitter_order = "fixed"  # the action then determines y from x exactly
     # 62 steps per epoch at batch 32: 2480 steps. The world model learns the colour actions late: the hue (the op
     # that moves the targets most) only after about 1750 steps at LR 1e-3, so the LR stays at 1e-3 after the
     # warm-up instead of decaying (a cosine to 1e-5 stops learning before then) and the EMA is the published
-    # 0.996 -> 1.0 (README "Measured": the ablation; MRR 0.057 with 744 cosine steps and EMA 0.99, 0.116 here).
+    # 0.996 -> 1.0 (measured: MRR 0.057 with 744 cosine steps and EMA 0.99, 0.116 here; docs/results.md).
     cfg.optim.epochs = 40
     cfg.optim.warmup_epochs = 1
     cfg.optim.start_lr, cfg.optim.lr, cfg.optim.final_lr = 1e-4, 1e-3, 1e-3

@@ -47,7 +47,7 @@ def protocol_top1(source, out, protocol):
 def test_protocol_beats_a_random_encoder(sources, tmp_path, protocol):
     """The pretrained encoder + predictor against the same protocol from a randomly initialised encoder +
     predictor, by at least 5 pp. Measured with the fixture's pretraining at seeds 0 / 1 / 2 (the random network
-    drawn with the same seed; docs/finetune.md, "At test scale"), top-1 %: predictor (300 steps) 21.4 / 20.0 /
+    drawn with the same seed; docs/results.md), top-1 %: predictor (300 steps) 21.4 / 20.0 /
     21.4 against 10.0 / 10.0 / 10.0; end_to_end (600 steps) 52.0 / 28.0 / 14.8 against 25.8 / 19.2 / 14.4 (seed 2
     would tie: end-to-end finetuning of these tiny networks often stays near the loss plateau)."""
     pretrained, random_init = sources
@@ -58,7 +58,7 @@ def test_protocol_beats_a_random_encoder(sources, tmp_path, protocol):
 
 
 # The other protocols read the encoder itself, and there a randomly initialised encoder is as good or better at every
-# CPU scale measured (docs/finetune.md, "At test scale": 150 to 3000 pretraining steps, 32 and 64 px, widths 48 and
+# CPU scale measured (docs/results.md: 150 to 3000 pretraining steps, 32 and 64 px, widths 48 and
 # 128, I-JEPA and sequence conditioning, more pretraining makes it worse). Measured here (300 steps, pretraining
 # seeds 0 / 1 / 2, top-1 %, pretrained vs random): encoder 60.2 / 61.0 / 61.2 vs 58.2 / 62.4 / 69.4; attentive
 # 54.8 / 57.8 / 55.8 vs 57.8 / 58.6 / 60.0; linear 13.8 / 14.0 / 13.2 vs 16.4 / 16.2 / 17.6. So these assert what
