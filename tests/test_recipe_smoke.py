@@ -40,15 +40,12 @@ def test_pretrain_tiny_smoke(smoke_pretrain):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", PRETRAIN[1:])
 def test_pretrain_recipe_smoke(recipe, tmp_path):
-    import importlib.util
+    from engine.config import load_recipe
 
     p = launch(recipe, "--out", str(tmp_path / recipe), port=29720 + 5 * PRETRAIN.index(recipe))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     saved = json.loads((tmp_path / recipe / "config.json").read_text())
-    spec = importlib.util.spec_from_file_location(recipe, os.path.join(ROOT, "recipes", f"{recipe}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    full = mod.config()
+    full = load_recipe(os.path.join(ROOT, "recipes", f"{recipe}.py"))
     # the smoke run keeps the recipe's code paths: ZeRO stage, conditioning, masks, views
     assert saved["train"]["zero_stage"] == full.train.zero_stage
     assert saved["model"]["conditioning"] == full.model.conditioning
