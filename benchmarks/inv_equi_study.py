@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -41,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from engine.checkpoint import atomic_write_json  # noqa: E402
-from engine.config import IWMConfig, ViewConfig  # noqa: E402
+from engine.config import IWMConfig, ViewConfig, load_recipe  # noqa: E402
 
 MODELS = ("inv", "equi")
 REFERENCE = "random"  # the randomly initialised encoder (probes only)
@@ -56,11 +55,9 @@ FINETUNE_SETTINGS = ["finetune.mixup=0.0", "finetune.cutmix=0.0", "finetune.rand
                      "data.num_workers=1", "train.log_every=25", "train.progress=False"]
 
 
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def recipe(name: str) -> IWMConfig:
+    """The config of ``recipes/<name>.py`` (engine.config.load_recipe)."""
+    return load_recipe(os.path.join(ROOT, "recipes", f"{name}.py"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -70,7 +67,7 @@ def pretrain_config(model: str, root: str, quick: bool) -> IWMConfig:
     """The demo recipe (equi), or its invariant sibling: mild default jitter, a 2/3-deep predictor (inv)."""
     from engine.cli import smoke_config
 
-    cfg = recipe("pretrain_tiny").config()
+    cfg = recipe("pretrain_tiny")
     if quick:
         smoke_config(cfg)
     if model == "inv":
@@ -155,7 +152,7 @@ def measure_predictor_finetuning(init: str, ckpt: str, out: str, quick: bool, fr
     """recipes/finetune_predictor.py (init 'pretrained') or its random-predictor control, on the embedded data."""
     from engine.finetune import finetune
 
-    cfg = recipe("finetune_predictor" if init == "pretrained" else "finetune_predictor_random").config()
+    cfg = recipe("finetune_predictor" if init == "pretrained" else "finetune_predictor_random")
     for assignment in FINETUNE_SETTINGS:
         cfg.override(assignment)
     cfg.data.dataset, cfg.finetune.val_data, cfg.finetune.checkpoint = "embedded", "", ckpt

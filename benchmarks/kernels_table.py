@@ -32,7 +32,6 @@ import sys
 import time
 import copy
 import functools
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -53,10 +52,9 @@ RECIPE_FILES = {"ViT-B/16": "recipes/pretrain_vitb_equi.py", "ViT-H/14": "recipe
 
 def load_recipe_config(path: str):
     """The ``config()`` of a recipe file (path relative to the repository root)."""
-    spec = importlib.util.spec_from_file_location(f"_recipe_{os.path.basename(path)[:-3]}", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.config()
+    from engine.config import load_recipe
+
+    return load_recipe(os.path.join(ROOT, path))
 
 
 @functools.lru_cache(maxsize=None)
