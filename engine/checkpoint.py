@@ -8,7 +8,9 @@ Layout of a run directory::
       checkpoint.pt        encoder, predictor, target encoder, config, step: what eval / finetuning load
       model.safetensors    the same payload as safetensors (metadata: config, step, ...): loads the same way
       ds/<tag>/            DeepSpeed engine state (model + ZeRO-partitioned optimizer), one per save,
-                           rng_rank_<r>.pt (every random stream of rank r) and manifest.json (written last)
+                           rng_rank_<r>.pt (every random stream of rank r) and manifest.json (written last:
+                           files, world_size, zero_stage); ds/<tag>/universal/ the tag converted for another
+                           number of ranks (DeepSpeed's universal checkpoint, made on such a resume)
       ds/latest            the newest complete tag (for people and DeepSpeed tools; resume trusts manifests)
       previous/<time>/     an older run moved aside by a fresh start (--fresh): nothing is ever deleted
 
@@ -222,6 +224,56 @@ def SafeCheckpointEngine():
     return _Safe()
 
 
+UNIVERSAL_INFO = "universal_checkpoint_info"  # the entry ds_to_universal requires in a tag's client state
+UNIVERSAL_DIR = "universal"
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within: every ``torch.load`` (DeepSpeed's universal converter and loader call it with
+    ``weights_only=False``) reads with ``weights_only=True`` and the allow-list of DeepSpeed's classes."""
+    original, allowed = torch.load, _deepspeed_safe_globals() + _universal_safe_globals()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        # per call: leaving a nested safe_globals context removes its classes, also ones an outer one added
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _universal_safe_globals() -> list:
+    """What ds_to_universal's own files hold besides tensors and plain values."""
+    import argparse
+
+    return [argparse.Namespace]
+
+
+def convert_to_universal(tag_folder: str, out: str) -> None:
+    """DeepSpeed's ``ds_to_universal`` of one tag into ``out`` (atomically: a temporary folder renamed), in
+    this process, without worker pools."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = f"{out}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=tag_folder, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        with safe_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal.main(args)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Random streams (exact resume)
 # ----------------------------------------------------------------------------------------------------
@@ -230,6 +282,11 @@ def global_rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def reseed_value(seed: int, step: int, rank: int) -> int:
+    """The seed of a random stream restarted at ``step`` on ``rank`` (a resume on another number of ranks)."""
+    return ((seed * 1_000_003 + step) * 65_537 + rank) % (2 ** 63)
 
 
 def set_global_rng_state(state: dict) -> None:
@@ -299,6 +356,11 @@ class RunDir:
                 os.close(fd)  # the OS also releases it if the process dies
 
     def _remove_stale_temporaries(self) -> None:
+        for aside in glob.glob(os.path.join(self.ds_dir, "step_*.replaced.tmp.*")):  # a re-save was killed
+            tag = os.path.basename(aside).split(".replaced.")[0]
+            if self.check_tag(tag) is not None:  # the new save did not finish: the old tag comes back
+                shutil.rmtree(os.path.join(self.ds_dir, tag), ignore_errors=True)
+                os.replace(aside, os.path.join(self.ds_dir, tag))
         for pattern in ("*.tmp.*", "ds/*.tmp.*", "ds/*/*.tmp.*"):
             for p in glob.glob(os.path.join(self.path, pattern)):
                 with contextlib.suppress(OSError):
@@ -359,10 +421,19 @@ class RunDir:
 
         tag = ds_tag(step)
         folder = os.path.join(self.ds_dir, tag)
+        # a tag saved again (a run resumed at its last step): the old one is set aside, not overwritten file by
+        # file (saved by another number of ranks it would keep files the new save does not write), and removed
+        # once the new one is complete
+        aside = f"{folder}.replaced.tmp.{os.getpid()}"
+        if info.is_main and os.path.isdir(folder):
+            os.replace(folder, aside)
+        barrier()
         error = None
         try:
-            engine.save_checkpoint(self.ds_dir, tag=tag, client_state={"step": step, "client": client},
-                                   save_latest=False)
+            # universal_checkpoint_info (empty: no tensor parallelism to describe) lets DeepSpeed's ds_to_universal
+            # convert the tag for another number of ranks (:meth:`universal`)
+            engine.save_checkpoint(self.ds_dir, tag=tag, save_latest=False,
+                                   client_state={"step": step, "client": client, UNIVERSAL_INFO: {}})
             atomic_save(rng, os.path.join(folder, f"rng_rank_{info.rank:05d}.pt"))
         except (OSError, RuntimeError, CheckpointError) as e:
             error = e
@@ -371,7 +442,8 @@ class RunDir:
                 files = {n: os.path.getsize(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
                          if n != MANIFEST and ".tmp." not in n}
                 atomic_write_json(os.path.join(folder, MANIFEST),
-                                  {"step": step, "world_size": info.world_size, "files": files})
+                                  {"step": step, "world_size": info.world_size,
+                                   "zero_stage": engine.zero_optimization_stage(), "files": files})
                 atomic_write(os.path.join(self.ds_dir, "latest"), lambda tmp: open(tmp, "w").write(tag))
                 export(self.weights)
                 self.prune(keep)
@@ -379,6 +451,12 @@ class RunDir:
                 error = e
         ok = _all_ok(error is None)
         barrier()
+        if info.is_main and os.path.isdir(aside):
+            if not ok:  # the failed save's partial tag goes, the one set aside comes back
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(aside, folder)
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
         if not ok:
             if info.is_main and self.check_tag(tag) is not None:
                 shutil.rmtree(folder, ignore_errors=True)  # a partial tag of this failed save only
@@ -393,20 +471,46 @@ class RunDir:
                                   f"(df -h {self.path}) or pass another --out; the previous complete checkpoint is "
                                   f"intact and a rerun resumes from it")
 
-    def load(self, engine, tag: str, info) -> dict:
-        """Load tag into the DeepSpeed engine; returns {step, client, rng} for this rank."""
+    def manifest(self, tag: str) -> dict:
+        with open(os.path.join(self.ds_dir, tag, MANIFEST)) as f:
+            return json.load(f)
+
+    def universal(self, tag: str, info) -> str:
+        """Tag ``tag`` in DeepSpeed's universal layout (``ds/<tag>/universal/``: every parameter's fp32 weights
+        and AdamW moments whole, one folder per parameter), which loads on any number of ranks. Converted once
+        by the main rank with DeepSpeed's ``ds_to_universal`` (reading with ``weights_only=True``), written
+        under a temporary name and renamed; every rank returns the folder."""
+        from engine.distributed import barrier
+
+        out = os.path.join(self.ds_dir, tag, UNIVERSAL_DIR)
+        error = None
+        if info.is_main and not os.path.isdir(out):
+            try:
+                convert_to_universal(os.path.join(self.ds_dir, tag), out)
+            except Exception as e:  # noqa: BLE001: any failure becomes one line, on every rank
+                error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if not _all_ok(error is None):
+            raise CheckpointError(f"converting {os.path.join(self.ds_dir, tag)} for another number of ranks failed "
+                                  f"({error or 'see the main rank'}): resume on the "
+                                  f"{self.manifest(tag).get('world_size')} ranks that saved it")
+        barrier()
+        return out
+
+    def load(self, engine, tag: str, info, universal: bool = False) -> dict:
+        """Load tag into the DeepSpeed engine; returns {step, client, rng} for this rank (rng None when the tag
+        was saved by another number of ranks: ``universal``, loaded from :meth:`universal`'s folder)."""
         folder = os.path.join(self.ds_dir, tag)
-        with open(os.path.join(folder, MANIFEST)) as f:
-            saved_ranks = json.load(f).get("world_size")
-        if saved_ranks != info.world_size:
-            raise CheckpointError(
-                f"{folder} was saved by {saved_ranks} ranks, this run has {info.world_size}: the ZeRO-partitioned "
-                f"optimizer state only loads on the same number of ranks. Resume with {saved_ranks} ranks "
-                f"(deepspeed --num_gpus {saved_ranks} ...), or start a new run (--out NEW) from the weights")
+        saved_ranks = self.manifest(tag).get("world_size")
+        if saved_ranks != info.world_size and not universal and engine.zero_optimization_stage() > 0:
+            raise CheckpointError(f"{folder} was saved by {saved_ranks} ranks, this run has {info.world_size}: "
+                                  f"the engine was not built to load DeepSpeed's universal checkpoint")
+        load_dir, load_tag = (folder, UNIVERSAL_DIR) if universal else (self.ds_dir, tag)
         try:
-            path, client = engine.load_checkpoint(self.ds_dir, tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-            rng = safe_load(os.path.join(folder, f"rng_rank_{info.rank:05d}.pt"))
+            with safe_torch_load():
+                path, client = engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            rng = None if saved_ranks != info.world_size else safe_load(
+                os.path.join(folder, f"rng_rank_{info.rank:05d}.pt"))
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(f"cannot load checkpoint {folder} ({type(e).__name__}: {first}); it is corrupt "
@@ -414,7 +518,14 @@ class RunDir:
                                   f"the previous one, or pass --fresh") from None
         if path is None or client is None:
             raise CheckpointError(f"{folder} could not be loaded by DeepSpeed: move it aside or pass --fresh")
-        return {"step": int(client["step"]), "client": client["client"], "rng": rng}
+        task_state = client["client"]
+        if saved_ranks != info.world_size:  # ZeRO-3: each saved rank's client state holds its own slices
+            files = sorted(glob.glob(os.path.join(folder, "zero_pp_rank_*_mp_rank_00_model_states.pt")),
+                           key=lambda p: int(os.path.basename(p).split("_")[3]))
+            if files:
+                with safe_torch_load():
+                    task_state = dict(task_state, ranks=[torch.load(p, map_location="cpu")["client"] for p in files])
+        return {"step": int(client["step"]), "client": task_state, "rng": rng}
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest `keep` complete tags (never the only complete one)."""

@@ -1,7 +1,8 @@
 """The command line, in one place: the flags every recipe shares, the eval commands, and the one handler
 that turns bad input into one line and exit code 2.
 
-    python recipes/pretrain_tiny.py [--data DIR] [--out DIR] [--steps N] [--fresh] [--smoke] [--set SECTION.FIELD=VALUE]
+    python recipes/pretrain_tiny.py [--data DIR] [--out DIR] [--steps N] [--fresh] [--smoke] [--init WEIGHTS]
+                                     [--set SECTION.FIELD=VALUE]
     python recipes/finetune_encoder.py --ckpt PRETRAIN_RUN [--data TRAIN_DIR --val VAL_DIR] [...]
     python -m engine.eval mrr       --ckpt RUN [--data DIR] [--images N] [--candidates K]
     python -m engine.eval linear    --ckpt RUN [--data TRAIN_DIR --val VAL_DIR] [--protocol quick|paper]
@@ -72,6 +73,9 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="the recipe's code paths (ZeRO stage, conditioning, masks, protocol, heads) at a size that "
                         "runs in seconds on CPU: tiny widths and depth, 32 px, embedded data, 4 steps")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="warm start: a new run from these weights (our checkpoint.pt / model.safetensors / run "
+                        "directory, or an I-JEPA checkpoint), step 0, fresh optimizer (train.init)")
     p.add_argument("--ckpt", default=None, help="finetuning recipes: the pretraining run (checkpoint.pt or its "
                                                 "folder) to start from (finetune.checkpoint)")
     p.add_argument("--val", default=None, help="finetuning recipes: the labelled val folder (finetune.val_data)")
@@ -106,6 +110,8 @@ def apply_args(cfg: IWMConfig, args: argparse.Namespace) -> IWMConfig:
         smoke_config(cfg)
     if getattr(args, "ckpt", None):
         cfg.finetune.checkpoint = args.ckpt
+    if getattr(args, "init", None):
+        cfg.train.init = args.init
     if getattr(args, "val", None):
         cfg.finetune.val_data = args.val
     if args.data:

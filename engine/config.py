@@ -182,6 +182,10 @@ class ModelConfig:
     cond_position: str = "before"
     # eps of the layer norm applied to the target encoder's features (the regression targets)
     target_norm_eps: float = 1e-6
+    # channel layout of the fixed 2-D sin-cos positions (encoder and predictor): 'rows_first' (the first half of
+    # the channels encodes the row) or 'columns_first' (MAE's and I-JEPA's get_2d_sincos_pos_embed): weights
+    # trained with one layout need it (--init from I-JEPA: columns_first; engine/warm_start.py checks)
+    pos_layout: str = "rows_first"
 
     def encoder_dims(self) -> Tuple[int, int, int]:
         if self.encoder == "custom":
@@ -195,6 +199,8 @@ class ModelConfig:
 
     def validate(self, img_size: int) -> None:
         dim, _, heads = self.encoder_dims()
+        if self.pos_layout not in ("rows_first", "columns_first"):
+            raise ConfigError(f"model.pos_layout={self.pos_layout!r}: use rows_first or columns_first (I-JEPA's)")
         if self.patch_size <= 0:
             raise ConfigError(f"model.patch_size={self.patch_size}: must be positive (14 or 16 for the paper's ViTs)")
         if dim % heads:
@@ -291,6 +297,11 @@ class TrainConfig:
     # 0: off (engine/watchdog.py). Must exceed the longest pause of one rank alone (a save, an eval).
     watchdog_seconds: float = 300.0
     resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    # warm start (--init PATH): a new run's networks start from these weights (our checkpoint.pt, its
+    # model.safetensors or run directory, or an I-JEPA checkpoint), at step 0 with fresh optimizer state; part by
+    # part report in the log (engine/warm_start.py). Refused into out_dir when it holds another run (--fresh
+    # moves that aside); a rerun of the same command resumes the run it started (docs/cluster_resume.md)
+    init: str = ""
     progress: bool = True
 
     def validate(self) -> None:

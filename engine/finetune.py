@@ -164,6 +164,24 @@ def load_source(cfg: IWMConfig) -> dict:
     return source
 
 
+def init_source(cfg: IWMConfig):
+    """``train.init`` read (engine.warm_start); a file of ours also gives the network (model section, image
+    size, views) as :func:`load_source` does, an I-JEPA file leaves the recipe's. finetune.checkpoint becomes
+    the init path (what the run's records name as its source)."""
+    from engine.warm_start import read_weights
+
+    source = read_weights(cfg.train.init)
+    if source.config is not None:
+        pre = IWMConfig.from_dict(source.config)
+        cfg.model = dataclasses.replace(pre.model, drop_path=cfg.finetune.drop_path)
+        cfg.data.img_size = pre.data.img_size
+        cfg.views = pre.views
+    else:
+        cfg.model.drop_path = cfg.finetune.drop_path
+    cfg.finetune.checkpoint = cfg.train.init
+    return source
+
+
 # ----------------------------------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------------------------------
@@ -325,6 +343,23 @@ class Finetuning:
         np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                              state["numpy_has_gauss"], state["numpy_gauss"]))
 
+    def reseed(self, step: int) -> None:
+        """numpy's stream (mixup / cutmix) restarted at ``step`` (a resume on another number of ranks)."""
+        np.random.seed(ckpt_lib.reseed_value(self.cfg.train.seed, step, self.rank) % 2 ** 32)
+
+    def warm_start(self, source) -> List[str]:
+        """The network from ``source`` (an engine.warm_start.WeightsSource): the encoder from its target
+        encoder or online encoder (finetune.encoder_weights), the predictor unless finetune.predictor_init is
+        'random', the head from a finetuned network's file (else left at its initialisation)."""
+        from engine.warm_start import warm_start
+
+        m, ft = self.model, self.cfg.finetune
+        encoder = ("target_encoder", "encoder") if ft.encoder_weights == "target" else ("encoder",)
+        parts = {"encoder": m.encoder, "head": m.head}
+        if m.predictor is not None and ft.predictor_init == "pretrained":
+            parts["predictor"] = m.predictor
+        return warm_start(parts, source, aliases={"encoder": encoder})
+
     def export(self, module, step: int, metrics: Dict[str, float]) -> Optional[dict]:
         """The finetuned network: what ``python -m engine.eval finetune`` loads (every rank calls it; a gather
         under ZeRO-3; rank 0 gets the payload)."""
@@ -357,11 +392,16 @@ def finetune(cfg: IWMConfig, dist_info=None):
     from engine.run import Run, start_process
 
     cfg.finetune.validate()
-    source = load_source(cfg)
+    init = None
+    if cfg.train.init:  # a warm start: the network from any weights file, loaded part by part by the run
+        init = init_source(cfg)
+        source = None
+    else:
+        source = load_source(cfg)
     cfg.validate()
     info = start_process(dist_info)
     task = Finetuning(cfg, info.device, info.rank, source)
-    result = Run(cfg, info).fit(task)
+    result = Run(cfg, info).fit(task, init=init)
     if info.is_main:
         write_result(cfg, result)
     return result

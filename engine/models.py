@@ -91,9 +91,10 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     return len(blocks)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_2d(dim: int, grid_h: int, grid_w: int, layout: str = "rows_first") -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding [H*W, dim] (MAE / I-JEPA): half the channels encode the row,
-    half the column, each as sin/cos of the coordinate at geometrically spaced frequencies."""
+    half the column, each as sin/cos of the coordinate at geometrically spaced frequencies. ``layout``
+    (model.pos_layout): which half comes first; MAE's and I-JEPA's tables put the column first."""
     if dim % 4:
         raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -104,7 +105,8 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], 1)
 
-    return torch.cat([enc(ys), enc(xs)], 1).float()
+    halves = [enc(ys), enc(xs)] if layout == "rows_first" else [enc(xs), enc(ys)]
+    return torch.cat(halves, 1).float()
 
 
 def run_blocks(blocks, x: torch.Tensor, layout: Optional[RaggedLayout], checkpointing: bool) -> torch.Tensor:
@@ -138,11 +140,11 @@ class Encoder(nn.Module):
         gh, gw = self.vit.patch_embed.grid_size
         self.grid = (gh, gw)
         self.embed_dim = dim
-        self.vit.pos_embed.data.copy_(sincos_2d(dim, gh, gw)[None])
+        self.vit.pos_embed.data.copy_(sincos_2d(dim, gh, gw, m.pos_layout)[None])
         self.vit.pos_embed.requires_grad_(False)  # kept for timm state-dict compatibility
         # the forward reads the fixed positions from a buffer: a parameter read outside its module's forward
         # would be an external parameter to ZeRO-3, fetched out of its traced order
-        self.register_buffer("pos_embed", sincos_2d(dim, gh, gw)[None], persistent=False)  # [1, N, D]
+        self.register_buffer("pos_embed", sincos_2d(dim, gh, gw, m.pos_layout)[None], persistent=False)  # [1, N, D]
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
         self.checkpointing = cfg.train.activation_checkpointing
@@ -216,7 +218,7 @@ class Predictor(nn.Module):
         self.embed = nn.Linear(encoder_dim, w)
         self.mask_token = nn.Parameter(torch.zeros(w))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.register_buffer("pos_embed", sincos_2d(w, *grid), persistent=False)  # [N, W]
+        self.register_buffer("pos_embed", sincos_2d(w, *grid, m.pos_layout), persistent=False)  # [N, W]
         if m.conditioning == "feature":
             self.cond = FeatureConditioning(w, action_dim, m.cond_position)
         elif m.conditioning == "sequence":

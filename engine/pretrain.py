@@ -16,7 +16,7 @@ from engine import checkpoint as ckpt_lib
 from engine.config import IWMConfig
 from engine.data import build_dataset
 from engine.distributed import DistInfo, gathered
-from engine.ema import TargetEncoder
+from engine.ema import SHARD, TargetEncoder
 from engine.flops import step_flops
 from engine.eval import chance_mrr, load_eval_images, mean_reciprocal_rank
 from engine import monitors as mon
@@ -66,7 +66,7 @@ class Pretraining:
     name = "pretrain"
 
     def __init__(self, cfg: IWMConfig, device: torch.device, rank: int = 0):
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.rank = cfg, device, rank
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, the target encoder too
         self.model = IWM(cfg)
         self.target_encoder = TargetEncoder(self.model.encoder, device)
@@ -159,7 +159,12 @@ class Pretraining:
         return {"target_encoder": self.target_encoder.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.target_encoder.load_state_dict(state["target_encoder"])
+        """``state["ranks"]`` (a ZeRO-3 save on another number of ranks): every saved rank's state, whose
+        target-encoder slices are merged and re-partitioned."""
+        ranks = state.get("ranks")
+        shards = ([r["target_encoder"][SHARD] for r in ranks] if ranks and SHARD in state["target_encoder"]
+                  else None)
+        self.target_encoder.load_state_dict(state["target_encoder"], shards=shards)
 
     def rng_state(self) -> dict:
         return {"view_gen": self.view_gen.get_state(), "mask_gen": self.mask_gen.get_state()}
@@ -168,15 +173,29 @@ class Pretraining:
         self.view_gen.set_state(state["view_gen"])
         self.mask_gen.set_state(state["mask_gen"])
 
+    def reseed(self, step: int) -> None:
+        """Streams restarted at ``step`` (a resume on another number of ranks: this rank has none to continue)."""
+        self.view_gen.manual_seed(ckpt_lib.reseed_value(self.cfg.train.seed * 104729, step, self.rank))
+        self.mask_gen.manual_seed(ckpt_lib.reseed_value(self.cfg.train.seed * 7919, step, self.rank))
+
+    def warm_start(self, source) -> List[str]:
+        """Encoder, predictor and target encoder from ``source`` (an engine.warm_start.WeightsSource); a file
+        without a target encoder (a finetuned network) gives it the loaded encoder's weights, as a fresh run
+        starts it as a copy of the online encoder."""
+        from engine.warm_start import warm_start
+
+        return warm_start({"encoder": self.model.encoder, "predictor": self.model.predictor,
+                           "target_encoder": self.target_encoder.module}, source,
+                          aliases={"target_encoder": ("target_encoder", "encoder")})
+
     def export(self, module, step: int, metrics: Dict[str, float]) -> Optional[dict]:
         """The consolidated weights that eval and finetuning load (``checkpoint.pt``). Every rank calls it
         (under ZeRO-3 it gathers the shards); rank 0 gets the payload, the others None."""
-        with gathered(module.parameters()):
+        with gathered(module.parameters()), self.target_encoder.whole() as target:
             if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
                 return None
             return ckpt_lib.weights_payload(config=self.cfg.to_dict(), step=step, encoder=module.encoder,
-                                            predictor=module.predictor, target_encoder=self.target_encoder.module,
-                                            metrics=metrics)
+                                            predictor=module.predictor, target_encoder=target, metrics=metrics)
 
 
 def pretrain(cfg: IWMConfig, dist_info: Optional[DistInfo] = None) -> RunResult:

@@ -99,6 +99,13 @@ class Task(Protocol):
 
     def load_rng_state(self, state: dict) -> None: ...
 
+    def reseed(self, step: int) -> None:
+        """New random streams at ``step`` (a resume on another number of ranks: none of this rank to continue),
+        from the seed, the step and the rank."""
+
+    def warm_start(self, source) -> List[str]:
+        """The networks from an engine.warm_start.WeightsSource (a new run's ``--init``); the report lines."""
+
     def export(self, module, step: int, metrics: Dict[str, float]) -> Optional[dict]:
         """The consolidated weights (every rank calls it: a gather under ZeRO-3; rank 0 gets them)."""
 
@@ -156,9 +163,11 @@ def accumulation_steps(cfg: IWMConfig, world_size: int) -> int:
     return cfg.optim.global_batch // per_pass
 
 
-def deepspeed_config(cfg: IWMConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: IWMConfig, world_size: int, universal: bool = False) -> dict:
+    """DeepSpeed's config; ``universal``: the engine loads a universal checkpoint (another number of ranks)."""
     accum = accumulation_steps(cfg, world_size)
     return {
+        "checkpoint": {"load_universal": universal},
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": cfg.data.batch_size * world_size * accum,
@@ -254,23 +263,18 @@ class Run:
         self.peak = device_peak_flops(self.device)
         self.warned = False  # the collapse warning is given once per run
         self.monitor_s = 0.0  # the last log step's monitor time
+        self.universal = False
 
     # ---- the loop -------------------------------------------------------------------------------------
-    def fit(self, task: Task) -> RunResult:
+    def fit(self, task: Task, init=None) -> RunResult:
+        """Train ``task``; ``init``: the warm-start weights already read (else ``train.init`` is read here)."""
         cfg, info = self.cfg, self.info
         self.task = task
         dispatch.configure(kernels=cfg.train.kernels, attention=cfg.train.attention)
         with self.dir.lock(enabled=info.is_main), StopSignals() as signals:
             watchdog, state = self._watchdog(), FAILED
             try:
-                resume_tag = self._resume_tag()
-                loader, sched = self._data(task)
-                task.load_eval_data()
-                engine = self.build_engine(task)
-                step = self._resume(engine, task, resume_tag) if resume_tag else 0
-                self._start(step, resume_tag)  # the run has proved it can start: only now touch old files
-                self.metrics = MetricLogger(self.dir.path, enabled=info.is_main)
-                self.metrics.drop_after(step if resume_tag else -1)
+                loader, sched, engine, step = self._prepare(task, init)
                 vote = StopVote(signals, cfg.train.ckpt_every_minutes)
                 step, results = self._loop(engine, task, loader, sched, step, vote, watchdog)
                 state = DONE
@@ -284,6 +288,25 @@ class Run:
             finally:
                 watchdog.stop(state)
             return self._finish(step, results, loader)
+
+    def _prepare(self, task, init) -> tuple:
+        """(loader, schedule, engine, first step): a fresh start (from ``train.init`` if set) or a resume, on this
+        number of ranks or another; the run directory's config and logs set for it."""
+        resume_tag = self._resume_tag()
+        loader, sched = self._data(task)
+        task.load_eval_data()
+        reshard = self._reshard(resume_tag)
+        if resume_tag is None and self.cfg.train.init:
+            self._warm_start(task, init)
+        self.universal = bool(reshard)  # the engine loads a universal checkpoint (build_engine reads it)
+        engine = self.build_engine(task)
+        step = self._resume(engine, task, resume_tag, bool(reshard)) if resume_tag else 0
+        self._start(step, resume_tag)  # the run has proved it can start: only now touch old files
+        self.metrics = MetricLogger(self.dir.path, enabled=self.info.is_main)
+        self.metrics.drop_after(step if resume_tag else -1)
+        if reshard is not None:  # saved again in this count's layout: a later resume here converts nothing
+            self._save(step, sched, Meters(self.device), engine, task, loader, {})
+        return loader, sched, engine, step
 
     def _loop(self, engine, task, loader, sched: Schedule, step: int, vote: StopVote,
               watchdog: Watchdog) -> Tuple[int, Dict[str, float]]:
@@ -395,11 +418,42 @@ class Run:
         tag, note = self.dir.resume_tag()
         if note and self.info.is_main:
             log.warning("%s", note)
-        if tag is not None:
-            saved = self.dir.saved_config()
-            if saved is not None:
-                check_resume_config(saved, self.cfg, self.dir.path)
+        saved = self.dir.saved_config()
+        if self.cfg.train.init:
+            check_init_target(saved, tag, self.cfg, self.dir.path)
+        if tag is not None and saved is not None:
+            check_resume_config(saved, self.cfg, self.dir.path)
         return tag
+
+    def _reshard(self, tag: Optional[str]) -> Optional[bool]:
+        """None: nothing to reshard (a fresh start, or ``tag`` saved by this number of ranks). Else ``tag`` was
+        saved by another number: True when it loads through DeepSpeed's universal checkpoint (ZeRO 1-3;
+        converted here, before the engine exists), False at ZeRO-0 (the whole optimizer state is in rank 0's
+        file and loads on any number of ranks as it is)."""
+        if tag is None:
+            return None
+        saved_ranks = self.dir.manifest(tag).get("world_size")
+        if saved_ranks == self.info.world_size:
+            return None
+        check_global_batch(self.dir.saved_config(), saved_ranks, self.cfg, self.info.world_size, self.dir.path)
+        if self.info.is_main:
+            log.warning("%s was saved by %d ranks, this run has %d: resharding (weights, AdamW moments, EMA, step "
+                        "and data order carry over; the views' and masks' random streams restart from the step)",
+                        tag, saved_ranks, self.info.world_size)
+        if self.cfg.train.zero_stage == 0:
+            return False
+        self.dir.universal(tag, self.info)
+        return True
+
+    def _warm_start(self, task, source=None) -> None:
+        """A new run's networks from ``train.init`` (every rank reads the file: each needs the weights before
+        DeepSpeed partitions them); the part-by-part report on the main rank."""
+        from engine.warm_start import read_weights
+
+        source = source if source is not None else read_weights(self.cfg.train.init)
+        for line in task.warm_start(source):
+            if self.info.is_main:
+                log.info("%s", line)
 
     def _data(self, task):
         cfg, info = self.cfg, self.info
@@ -416,7 +470,8 @@ class Run:
 
     def build_engine(self, task: Task):
         """The DeepSpeed engine around ``task.model`` with torch AdamW (``task.param_groups``), our safe
-        checkpoint engine and ZeRO-3's external parameters."""
+        checkpoint engine and ZeRO-3's external parameters (``self.universal``: it loads a universal checkpoint:
+        a resume on another number of ranks)."""
         import deepspeed
 
         cfg = self.cfg
@@ -428,13 +483,15 @@ class Run:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.start_lr, betas=cfg.optim.betas,
                                       fused=self.device.type in ("cuda", "cpu"))
         engine, _, _, _ = deepspeed.initialize(model=task.model, optimizer=optimizer,
-                                               config=deepspeed_config(cfg, self.info.world_size))
+                                               config=deepspeed_config(cfg, self.info.world_size, self.universal))
         engine.checkpoint_engine = ckpt_lib.SafeCheckpointEngine()  # resume never unpickles code
         if cfg.train.zero_stage == 3:
             for module, param in task.external_parameters():
                 deepspeed.zero.register_external_parameter(module, param)
         if task.target_encoder is not None:
             check_same_across_ranks(task.target_encoder.module, self.device)
+            if cfg.train.zero_stage == 3:  # partitioned like the online encoder (engine/ema.py)
+                task.target_encoder.partition(cfg.data.batch_size)
         engine.train()
         if self.info.is_main:
             n = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
@@ -445,14 +502,19 @@ class Run:
                      accumulation_steps(cfg, self.info.world_size), self.device)
         return engine
 
-    def _resume(self, engine, task, tag: str) -> int:
-        state = self.dir.load(engine, tag, self.info)
+    def _resume(self, engine, task, tag: str, universal: bool = False) -> int:
+        state = self.dir.load(engine, tag, self.info, universal=universal)
+        step = int(state["step"])
         task.load_state_dict(state["client"])
-        task.load_rng_state(state["rng"]["task"])
-        ckpt_lib.set_global_rng_state(state["rng"]["global"])
+        if state["rng"] is not None:
+            task.load_rng_state(state["rng"]["task"])
+            ckpt_lib.set_global_rng_state(state["rng"]["global"])
+        else:  # saved by another number of ranks: no stream of this rank to continue; new ones from the step
+            task.reseed(step)
+            torch.manual_seed(ckpt_lib.reseed_value(self.cfg.train.seed, step, self.info.rank))
         if self.info.is_main:
-            log.info("resumed from %s at step %d", tag, state["step"])
-        return int(state["step"])
+            log.info("resumed from %s at step %d", tag, step)
+        return step
 
     def _start(self, step: int, resume_tag: Optional[str]) -> None:
         barrier()
@@ -559,13 +621,46 @@ def check_resume_config(saved: dict, cfg: IWMConfig, out_dir: str) -> None:
     """Refuse to resume a run whose network differs from the checkpoint's (the weights would not fit):
     the model section, and the image size (it sets the patch grid and the position embeddings)."""
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    default = json.loads(json.dumps(IWMConfig().to_dict()))  # a field added since the save: its default
     keys = [("model", k) for k in now["model"]] + [("data", "img_size")]
-    diff = {f"{sec}.{k}": (saved.get(sec, {}).get(k), now[sec][k]) for sec, k in keys
-            if saved.get(sec, {}).get(k) != now[sec][k]}
+    was = {(sec, k): saved.get(sec, {}).get(k, default[sec][k]) for sec, k in keys}
+    diff = {f"{sec}.{k}": (was[sec, k], now[sec][k]) for sec, k in keys if was[sec, k] != now[sec][k]}
+    saved_views = IWMConfig.from_dict({"views": saved["views"]}).views if "views" in saved else cfg.views
+    if saved_views.action_dim != cfg.views.action_dim:  # the predictor's conditioning width
+        diff["views.action_dim (views.jitter_order, ...)"] = (saved_views.action_dim, cfg.views.action_dim)
     if diff:
         raise ckpt_lib.CheckpointError(
             f"{out_dir} holds a run with a different model config {diff} (saved, now): resume with the same "
             f"model settings, or pass a new --out (or --fresh to move the old run aside and start over)")
+
+
+def check_init_target(saved: Optional[dict], tag: Optional[str], cfg: IWMConfig, out_dir: str) -> None:
+    """``--init`` starts a new run: refuse a folder holding another run (its checkpoints or config) unless
+    ``--fresh`` moves it aside. The run that this same ``--init`` started resumes (a requeued job reruns its
+    command)."""
+    if not cfg.train.resume or (saved is None and tag is None):
+        return
+    if saved is not None and (saved.get("train") or {}).get("init") == cfg.train.init:
+        return
+    what = f"checkpoint {tag}" if tag else "config.json"
+    raise ckpt_lib.CheckpointError(
+        f"{out_dir} already holds a run ({what}) that --init {cfg.train.init} did not start: a warm start begins a "
+        f"new run; pass another --out, or --fresh to move the old run to {out_dir}/previous/ and start over")
+
+
+def check_global_batch(saved: Optional[dict], saved_ranks: int, cfg: IWMConfig, world_size: int, out_dir: str) -> None:
+    """A resume on another number of ranks keeps the global batch: the step is a count of global batches (the
+    schedules and the position in the epoch's order are functions of it)."""
+    if saved is None:
+        return
+    s_data, s_optim = saved.get("data", {}), saved.get("optim", {})
+    before = s_optim.get("global_batch") or s_data.get("batch_size", 0) * saved_ranks
+    now = cfg.data.batch_size * world_size * accumulation_steps(cfg, world_size)
+    if before != now:
+        raise ckpt_lib.CheckpointError(
+            f"{out_dir} was saved with a global batch of {before} on {saved_ranks} ranks; {world_size} ranks x "
+            f"data.batch_size={cfg.data.batch_size} give {now}: keep the global batch with --set "
+            f"optim.global_batch={before} (a multiple of {world_size} x the per-rank batch)")
 
 
 def check_same_across_ranks(module: torch.nn.Module, device) -> None:

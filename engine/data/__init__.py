@@ -452,9 +452,15 @@ class ImageDataset(Protocol):
 
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start its next epoch a number of batches in, so a run resumed in
-    the middle of an epoch sees the rest of that epoch's order rather than its start again. With
-    ``with_epoch`` it yields ``(index, epoch)`` pairs, for :class:`SeededCrops`."""
+    """A DistributedSampler that can start its next epoch part-way in, so a resumed run sees the rest of that
+    epoch's order rather than its start again, on any number of ranks.
+
+    The epoch's order is one permutation of the whole data set (seeded by seed + epoch, the same for every
+    world size, as DistributedSampler's); rank ``r`` of ``W`` takes every ``W``-th sample from position ``r``.
+    A step of ``G`` samples over all ranks therefore consumes the next ``G`` positions of the permutation,
+    whatever ``W`` is: :meth:`skip_samples` drops a prefix of it, and the rest is dealt to the current ranks.
+    With no skip the order is exactly DistributedSampler's. With ``with_epoch`` it yields ``(index, epoch)``
+    pairs, for :class:`SeededCrops`."""
 
     def __init__(self, *args, batch_size: int = 1, with_epoch: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -462,23 +468,43 @@ class ResumableSampler(DistributedSampler):
         self.with_epoch = with_epoch
         self._skip = 0
 
+    def skip_samples(self, n: int) -> None:
+        """Leave out the first ``n`` positions of the next epoch's permutation (samples of all ranks)."""
+        self._skip = n
+
     def skip_batches(self, n: int) -> None:
-        """Leave out the first `n` batches of the next epoch only."""
-        self._skip = n * self.batch_size
+        """Leave out this rank's first ``n`` batches of the next epoch (``n`` batches of every rank)."""
+        self.skip_samples(n * self.batch_size * self.num_replicas)
+
+    def epoch_order(self) -> List[int]:
+        """The epoch's permutation of the whole data set (all ranks)."""
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def epoch_indices(self) -> List[int]:
-        """This rank's indices for the current epoch (DistributedSampler's split; shards: ``ShardSampler``)."""
-        return list(super().__iter__())
+        """This rank's indices for the rest of the current epoch: the permutation past the skipped prefix, dealt
+        round-robin (DistributedSampler's split when nothing is skipped; shards: ``ShardSampler``)."""
+        order, ranks = self.epoch_order()[self._skip:], self.num_replicas
+        if self.drop_last:
+            order = order[:len(order) // ranks * ranks]
+        elif order:
+            pad = -len(order) % ranks
+            order += (order * (pad // len(order) + 1))[:pad]
+        return order[self.rank::ranks]
 
     def __iter__(self):
-        indices = self.epoch_indices()[self._skip:]
+        indices = self.epoch_indices()
         self._skip = 0
         if self.with_epoch:
             return iter([(i, self.epoch) for i in indices])
         return iter(indices)
 
     def __len__(self) -> int:
-        return super().__len__() - self._skip
+        left = len(self.dataset) - self._skip
+        return left // self.num_replicas if self.drop_last else -(-left // self.num_replicas)
 
 
 class SeededCrops(Dataset):

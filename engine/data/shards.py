@@ -341,7 +341,8 @@ class ShardSampler(ResumableSampler):
     ``world_size`` equal runs of ``len(dataset) // world_size``: rank r reads run r, whole shards but for at most
     one at each end (shared with the neighbouring rank, a disjoint part of it each). The rank's samples are then
     shuffled (seeded by seed, epoch, rank). Every rank gets the same count, no sample twice; deterministic in
-    (seed, epoch, rank, world size), so ``skip_batches`` resumes exactly, whatever the number of loader workers.
+    (seed, epoch, rank, world size), so ``skip_batches`` resumes exactly on the same number of ranks, whatever
+    the number of loader workers.
     """
 
     def __init__(self, dataset: ShardDataset, *args, **kwargs):
@@ -371,4 +372,9 @@ class ShardSampler(ResumableSampler):
         if self.shuffle:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
             mine = [mine[k] for k in torch.randperm(len(mine), generator=g).tolist()]
-        return mine
+        # a resume: every rank consumed the same share of its run. Exact on the same number of ranks; on another
+        # number the runs are cut differently, so the rest of that epoch is approximate (docs/cluster_resume.md)
+        return mine[self._skip // self.num_replicas:]
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip // self.num_replicas

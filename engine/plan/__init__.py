@@ -295,6 +295,15 @@ class MemoryPlan:
         return {k: v / GiB for k, v in asdict(self).items() if isinstance(v, float)}
 
 
+def target_gather_bytes(cfg: IWMConfig, stage: int, N: int) -> float:
+    """ZeRO-3: the target encoder's parameters whole at once in its forward (fp32), beside the shards.
+    engine/ema.py partitions every target parameter (no persistence threshold) and ZeRO-3 gathers them
+    module by module into full-size buffers; measured on 2 CPU ranks (tests/engine/test_zero3_target.py)
+    none is released before the forward ends (ZeRO-3 keeps a parameter whose next use is within
+    max_reuse_distance, 1e9 elements), and none is left whole after it: the whole target, for its forward."""
+    return 4.0 * param_counts(cfg)["target_encoder"] if stage == 3 else 0.0
+
+
 def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: float, PT: float,
                      resident: bool = False):
     """Per-rank bytes held for the whole step: (params, AdamW states, fp32 master, EMA target, buffers).
@@ -387,7 +396,7 @@ def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpo
     n = (cfg.data.img_size // cfg.model.patch_size) ** 2
     dim = cfg.model.encoder_dims()[0]
     target_out = B * n * dim * 4  # [B, N, D] fp32 targets, alive until the loss
-    target_gather = PT * 4 * (N - 1) / N if stage == 3 else 0.0  # its partitions all-gathered (fp32)
+    target_gather = target_gather_bytes(cfg, stage, N)
     phase_target = target_out + target_forward_bytes(cfg, B, prec) + target_gather
 
     # ---- phase 2: backward; activations freed layer by layer while gradients appear ----

@@ -315,3 +315,38 @@ def test_16_bit_images_are_rescaled_not_clipped(tmp_path):
     got = np.asarray(img)[..., 0].astype(np.float64)
     assert np.abs(got - ramp / 65535 * 255).max() <= 0.5 + 1e-9  # the full 16-bit range maps onto 0..255
     assert got.min() == 0 and got.max() == 255 and len(np.unique(got)) > 32
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
+def test_resumed_epoch_on_another_rank_count_neither_repeats_nor_skips(before, after):
+    """k steps of G samples on ``before`` ranks, then the rest of the epoch on ``after`` ranks: together exactly
+    the epoch's order (DistributedSampler's permutation on one replica), each sample once."""
+    from torch.utils.data import DistributedSampler
+
+    from engine.data import ResumableSampler
+
+    n, G, k, epoch = 101, 12, 3, 4
+    reference = DistributedSampler(list(range(n)), num_replicas=1, rank=0, shuffle=True, seed=9, drop_last=True)
+    reference.set_epoch(epoch)
+    order = list(reference)
+
+    def ranks(world, skip=0):
+        out = []
+        for r in range(world):
+            s = ResumableSampler(list(range(n)), num_replicas=world, rank=r, shuffle=True, seed=9, drop_last=True)
+            s.set_epoch(epoch)
+            s.skip_samples(skip)
+            out.append(list(s))
+        return out
+
+    for world in (before, after):  # with nothing skipped, each rank's share is DistributedSampler's
+        for r, got in enumerate(ranks(world)):
+            ds = DistributedSampler(list(range(n)), num_replicas=world, rank=r, shuffle=True, seed=9, drop_last=True)
+            ds.set_epoch(epoch)
+            assert got == list(ds)
+    seen = [i for share in ranks(before) for i in share[:k * G // before]]  # each rank's first k steps
+    rest = ranks(after, skip=k * G)
+    assert sorted(seen) == sorted(order[:k * G])
+    resumed = [i for step in zip(*rest) for i in step]  # the remaining positions, dealt round-robin
+    assert resumed == order[k * G:k * G + len(resumed)]
+    assert len(resumed) == (n - k * G) // after * after and not set(seen) & set(resumed)
