@@ -225,7 +225,7 @@ TILE_POLICIES: Dict[str, Dict[str, TilePolicy]] = {
     # 2048 elements: with the 12-column action the backward spilled at 4096 (sm_80 fp32, sm_90 fp32)
     "feature_conditioning": {"cuda": TilePolicy(elements=2048, max_rows=64, columns=(512, 256, 128)),
                              "interpreter": _INTERPRETER_ROWS},
-    # LN -> linear: forward [M, N] tiles of y (the K loop in blocks of layer_norm_linear.REDUCTION_BLOCK),
+    # LN -> linear: forward [M, N] tiles of y (the K loop in blocks of layer_norm_linear.reduction_block),
     # weight gradient [N, K] tiles of g_W (the M loop likewise), LayerNorm backward [M, K] row tiles
     "layer_norm_linear": {"cuda": TilePolicy(elements=8192, max_rows=64, columns=(128, 64), min_rows=16),
                           "interpreter": _INTERPRETER_DOT},
