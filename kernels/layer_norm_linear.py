@@ -336,6 +336,36 @@ def aot_launches(shapes) -> list:
     return out
 
 
+def check_cases(shapes, dtype: torch.dtype, device) -> list:
+    """LN -> QKV of an encoder block over the context tokens and LN -> fc1 of a predictor block over its
+    context + target tokens, at ``shapes`` (:class:`kernels.specs.Shapes`), forward and every gradient, for
+    ``make gpu-check`` (:class:`kernels.specs.CheckCase`). fp32 parameters as in the engine; bf16 means
+    under ``torch.autocast``. Compute-bound (a matmul): no GB/s."""
+    import contextlib
+
+    from kernels import specs
+
+    gen = torch.Generator().manual_seed(3)
+    autocast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    cases = []
+    for variant, M, K, N in (("encoder QKV", shapes.context_tokens, shapes.enc_width, 3 * shapes.enc_width),
+                             ("predictor fc1", shapes.context_tokens + shapes.target_tokens, shapes.pred_width,
+                              4 * shapes.pred_width)):
+        x = specs.randn(gen, M, K, device=device, grad=True)
+        lnw, lnb = (specs.randn(gen, K, device=device, scale=0.5, grad=True) for _ in range(2))
+        w = specs.randn(gen, N, K, device=device, scale=K ** -0.5, grad=True)
+        b = specs.randn(gen, N, device=device, scale=0.1, grad=True)
+
+        def forward(x=x, lnw=lnw, lnb=lnb, w=w, b=b):
+            with autocast:
+                return layer_norm_linear(x, lnw, lnb, 1e-6, w, b)
+
+        cases.append(specs.CheckCase("layer_norm_linear", variant + (" autocast" if dtype != torch.float32 else ""),
+                                     f"x[{M},{K}] -> LN -> [{M},{N}]", forward, [x, lnw, lnb, w, b]))
+    return cases
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd.Function and the public op
 # ----------------------------------------------------------------------------------------------------
