@@ -432,5 +432,10 @@ def layer_norm_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"layer_norm_linear: {name} must be [{n}], got {tuple(t.shape)}")
     if use_triton(x, ln_weight, ln_bias, weight, bias):
-        return LayerNormLinearFunction.apply(x, ln_weight, ln_bias, eps, weight, bias)
+        return _fused_eager(x, ln_weight, ln_bias, eps, weight, bias)
     return layer_norm_linear_reference(x, ln_weight, ln_bias, eps, weight, bias)
+
+
+# Under torch.compile (train.compile) the fused op stays eager (a graph break, as the ragged attention): dynamo
+# does not trace this Function's Triton launches; the reference path is traced and compiled.
+_fused_eager = torch.compiler.disable(LayerNormLinearFunction.apply)
