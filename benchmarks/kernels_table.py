@@ -46,6 +46,7 @@ from kernels.ema import FlatBuffer, ema_update_flat_, ema_update_reference  # no
 from kernels.feature_conditioning import FeatureConditioningFunction, feature_conditioning_reference  # noqa: E402
 from kernels.gather import GatherTokensFunction, gather_tokens_reference  # noqa: E402
 from kernels.l2_loss import MaskedL2LossFunction, masked_l2_loss_reference  # noqa: E402
+from kernels.layer_norm_linear import LayerNormLinearFunction, layer_norm_linear_reference  # noqa: E402
 
 RECIPE_FILES = {"ViT-B/16": "recipes/pretrain_vitb_equi.py", "ViT-H/14": "recipes/pretrain_vith.py"}
 
@@ -182,6 +183,22 @@ def bytes_moved(op: str, *, B: int, N: int, D: int, T: int, H: Optional[int] = N
         }
         return {"unfused": pack(unfused), "fused": pack(fused)}
 
+    if op == "layer_norm_linear":  # x [T, D] -> LN -> linear -> y [T, Dout] (Dout = 3 D: QKV, 4 D: fc1)
+        TD, TN = T * D, T * (Dout or 3 * D)
+        common = {"bwd: g_xn = g_y W (read g_y, write g_xn)": (TN + TD) * act,
+                  "bwd: layer_norm backward (read g_xn, x; write g_x)": 3 * TD * act}
+        unfused = dict(common, **{
+            "fwd: layer_norm (read x, write LN(x))": 2 * TD * act,
+            "fwd: linear (read LN(x), write y)": (TD + TN) * act,
+            "bwd: g_W = g_y^T LN(x) (read g_y, LN(x))": (TN + TD) * act,
+            "bwd: g_b = sum g_y (read g_y)": TN * act,
+        })
+        fused = dict(common, **{
+            "fwd: read x (statistics + prologue; re-reads from L2), write y": (TD + TN) * act,
+            "bwd: g_W + g_b (read g_y, x; LN(x) recomputed)": (TN + TD) * act,
+        })
+        return {"unfused": pack(unfused), "fused": pack(fused)}
+
     if op == "ema_update":  # P params, fp32 target, online `online` bytes
         P = params
         up = 0 if online == 4 else 1
@@ -208,6 +225,14 @@ def bytes_table_vith14(act: int = 2) -> Dict[str, Dict]:
                                                            T=T_tgt, act=act),
         "feature_conditioning (pred width)": bytes_moved("feature_conditioning", B=B, N=N, D=r["pred_width"],
                                                          T=T_tgt, A=r["action_dim"], act=act),
+        "layer_norm_linear (enc QKV, one block)": bytes_moved("layer_norm_linear", B=B, N=N, D=r["enc_width"],
+                                                              T=T_ctx, act=act),
+        "layer_norm_linear (enc fc1, one block)": bytes_moved("layer_norm_linear", B=B, N=N, D=r["enc_width"],
+                                                              T=T_ctx, Dout=4 * r["enc_width"], act=act),
+        "layer_norm_linear (pred QKV, one block)": bytes_moved("layer_norm_linear", B=B, N=N, D=r["pred_width"],
+                                                               T=T_ctx + T_tgt, act=act),
+        "layer_norm_linear (pred fc1, one block)": bytes_moved("layer_norm_linear", B=B, N=N, D=r["pred_width"],
+                                                               T=T_ctx + T_tgt, Dout=4 * r["pred_width"], act=act),
         "ema_update (online fp32)": bytes_moved("ema_update", B=B, N=N, D=0, T=0, params=n_params, online=4),
         "ema_update (online bf16)": bytes_moved("ema_update", B=B, N=N, D=0, T=0, params=n_params, online=2),
     }
@@ -330,7 +355,7 @@ def build_cases(recipe: str, batch: int, device: torch.device, ema_depth: Option
     gen = torch.Generator().manual_seed(0)
     n_tgt, n_ctx = recipe_counts(recipe, batch)
     T_tgt, T_ctx = sum(n_tgt), sum(n_ctx)
-    ops = ops or ["gather_tokens", "masked_l2_loss", "feature_conditioning", "ema_update"]
+    ops = ops or ["gather_tokens", "masked_l2_loss", "feature_conditioning", "layer_norm_linear", "ema_update"]
     cases = []
 
     def grad_step(forward, inputs):
@@ -385,6 +410,27 @@ def build_cases(recipe: str, batch: int, device: torch.device, ema_depth: Option
         b = bytes_moved("feature_conditioning", B=batch, N=N, D=Dp, T=T_tgt, A=A, act=act)
         cases.append(Case("feature_conditioning", recipe, f"T={T_tgt} N={N} D=H={Dp} A={A}", impls,
                           {k: v["total"] for k, v in b.items()}))
+
+    if "layer_norm_linear" in ops:  # the predictor's LN -> QKV over its packed context + target tokens
+        T = T_ctx + T_tgt
+        xs = torch.randn(T, Dp, generator=gen).to(device, act_dtype).requires_grad_()
+        ln_w, ln_b = (torch.randn(Dp, generator=gen).to(device).requires_grad_() for _ in range(2))
+        proj_w = (torch.randn(3 * Dp, Dp, generator=gen) * Dp ** -0.5).to(device).requires_grad_()
+        proj_b = torch.zeros(3 * Dp, device=device, requires_grad=True)
+        ln_leaves = [xs, ln_w, ln_b, proj_w, proj_b]
+        ln_autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+        def ln_step(f):
+            def g():
+                with ln_autocast():
+                    return f(xs, ln_w, ln_b, 1e-6, proj_w, proj_b)
+            return grad_step(g, ln_leaves)
+        impls = {"unfused": ln_step(layer_norm_linear_reference)}
+        if cuda:
+            impls["fused"] = ln_step(LayerNormLinearFunction.apply)
+        nb = bytes_moved("layer_norm_linear", B=batch, N=N, D=Dp, T=T, act=act)
+        cases.append(Case("layer_norm_linear", recipe, f"x[{T},{Dp}] -> LN -> [{T},{3 * Dp}]", impls,
+                          {k: v["total"] for k, v in nb.items()}))
 
     if "ema_update" in ops:
         depth = ema_depth if ema_depth is not None else r["depth"]

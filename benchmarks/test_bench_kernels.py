@@ -24,6 +24,7 @@ IMPLS = {
     "gather_tokens": ["unfused", "fused"],
     "masked_l2_loss": ["unfused", "fused"],
     "feature_conditioning": ["unfused", "fused"],
+    "layer_norm_linear": ["unfused", "fused"],
     "ema_update": ["loop (reference)", "foreach", "fused"],
 }
 PARAMS = [(op, recipe, impl) for recipe in kt.RECIPES for op, impls in IMPLS.items() for impl in impls]

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention as TimmAttention
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from engine.config import IWMConfig
@@ -23,6 +25,7 @@ from engine.masks import MaskBatch, all_patches_masks
 from kernels.attention import ragged_attention
 from kernels.feature_conditioning import feature_conditioning
 from kernels.gather import gather_tokens
+from kernels.layer_norm_linear import layer_norm_linear
 
 
 # Under torch.compile the ragged attention stays eager (a graph break): its backend choice, its host-side lengths
@@ -38,18 +41,32 @@ class RaggedLayout:
 
 class RaggedAttention(TimmAttention):
     """timm's ViT attention (same parameters, so timm checkpoints load) that also accepts a packed
-    ragged batch: ``attn_mask`` may be a :class:`RaggedLayout`, then ``x`` is [1, T, C]."""
+    ragged batch: ``attn_mask`` may be a :class:`RaggedLayout`, then ``x`` is [1, T, C].
+    :meth:`attend` is the part after the QKV projection (:class:`RaggedBlock` computes the projection
+    with its LayerNorm fused in)."""
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         if not isinstance(attn_mask, RaggedLayout):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        _, T, C = x.shape
-        qkv = self.qkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(1)  # [T, H, Dh]
+        return self.attend(self.qkv(x), attn_mask)
+
+    def attend(self, qkv: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        """Attention from the projected ``qkv``: [1, T, 3C] with a :class:`RaggedLayout`, else [B, N, 3C]
+        (timm's ``Attention.forward`` after ``self.qkv``, its fused-attention branch; no gate)."""
+        if isinstance(attn_mask, RaggedLayout):
+            T = qkv.shape[1]
+            q, k, v = qkv[0].view(T, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, Dh]
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = _eager_ragged_attention(q, k, v, attn_mask.seqlens)
+            out = self.norm(out.reshape(1, T, self.attn_dim))
+            return self.proj_drop(self.proj(out))
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = _eager_ragged_attention(q, k, v, attn_mask.seqlens)
-        out = self.norm(out.reshape(1, T, self.attn_dim))
-        return self.proj_drop(self.proj(out))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
 
 
 def drop_samples(x: torch.Tensor, layout: RaggedLayout, drop_prob: float) -> torch.Tensor:
@@ -63,19 +80,53 @@ def drop_samples(x: torch.Tensor, layout: RaggedLayout, drop_prob: float) -> tor
     return x * token_keep[None, :, None]
 
 
+def _plain_layer_norm(norm: nn.Module) -> bool:
+    """An affine LayerNorm over the last dimension that computes ``F.layer_norm`` (nn.LayerNorm, or timm's
+    LayerNorm without its fast-norm path): what ``kernels.layer_norm_linear`` fuses."""
+    return (type(norm) in (nn.LayerNorm, TimmLayerNorm) and len(norm.normalized_shape) == 1
+            and norm.weight is not None and not getattr(norm, "_fast_norm", False))
+
+
 class RaggedBlock(Block):
-    """timm's ViT block (same parameters) whose stochastic depth drops per sample on a packed ragged batch;
-    on a dense [B, N, C] batch timm's DropPath already drops per sample (row of dim 0)."""
+    """timm's ViT block (same parameters) whose stochastic depth drops per sample on a packed ragged batch
+    (on a dense [B, N, C] batch timm's DropPath already drops per sample, row of dim 0), and whose
+    ``norm1 -> attn.qkv`` and ``norm2 -> mlp.fc1`` run as one op each, ``kernels.layer_norm_linear``
+    (LayerNorm in the projection's prologue on CUDA; on CPU exactly timm's two ops)."""
 
     def __init__(self, *args, drop_path: float = 0.0, **kwargs):
         super().__init__(*args, drop_path=drop_path, **kwargs)
         self.drop_prob = drop_path
+        self.fuse_layer_norm = (_plain_layer_norm(self.norm1) and _plain_layer_norm(self.norm2)
+                                and isinstance(self.attn, RaggedAttention) and self.attn.gate is None
+                                and self.attn.fused_attn and type(self.mlp) is Mlp
+                                and type(self.mlp.fc1) is nn.Linear)
+
+    def fused_parameters(self) -> List[nn.Parameter]:
+        """The parameters this block's forward reads outside their own modules' forwards (ZeRO-3 must
+        be told: :meth:`IWM.external_parameters`)."""
+        if not self.fuse_layer_norm:
+            return []
+        return [p for m in (self.norm1, self.attn.qkv, self.norm2, self.mlp.fc1) for p in m.parameters()]
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
-        if not (isinstance(attn_mask, RaggedLayout) and self.training and self.drop_prob > 0):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        x = x + drop_samples(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)), attn_mask, self.drop_prob)
-        return x + drop_samples(self.ls2(self.mlp(self.norm2(x))), attn_mask, self.drop_prob)
+        per_sample = isinstance(attn_mask, RaggedLayout) and self.training and self.drop_prob > 0
+        if not self.fuse_layer_norm:
+            if not per_sample:
+                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = x + drop_samples(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)), attn_mask, self.drop_prob)
+            return x + drop_samples(self.ls2(self.mlp(self.norm2(x))), attn_mask, self.drop_prob)
+        drop1, drop2 = ((lambda y: drop_samples(y, attn_mask, self.drop_prob),) * 2 if per_sample
+                        else (self.drop_path1, self.drop_path2))
+        qkv = _norm_linear(x, self.norm1, self.attn.qkv)  # [.., 3C]
+        x = x + drop1(self.ls1(self.attn.attend(qkv, attn_mask=attn_mask, is_causal=is_causal)))
+        m = self.mlp
+        h = m.drop1(m.act(_norm_linear(x, self.norm2, m.fc1)))  # [.., hidden]
+        return x + drop2(self.ls2(m.drop2(m.fc2(m.norm(h)))))
+
+
+def _norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+    """``linear(norm(x))`` as one op (kernels.layer_norm_linear)."""
+    return layer_norm_linear(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
@@ -297,11 +348,16 @@ class IWM(nn.Module):
 
     def external_parameters(self):
         """(module, parameter) pairs where a module's forward reads a parameter of another module (the fused
-        feature conditioning reads its fc layers' weights): ZeRO-3 must be told before the first forward."""
+        feature conditioning reads its fc layers' weights, each block its LayerNorms' and the projections
+        after them): ZeRO-3 must be told before the first forward."""
+        pairs = []
         cond = self.predictor.cond
         if isinstance(cond, FeatureConditioning):
-            return [(cond, p) for p in cond.parameters()]
-        return []
+            pairs += [(cond, p) for p in cond.parameters()]
+        for blk in self.modules():
+            if isinstance(blk, RaggedBlock):
+                pairs += [(blk, p) for p in blk.fused_parameters()]
+        return pairs
 
     def forward(self, source_view: torch.Tensor, masks: MaskBatch, action: torch.Tensor) -> torch.Tensor:
         context = self.encoder(source_view, masks)  # [Tc, D]

@@ -8,6 +8,9 @@ Nothing here imports ``engine/``.
                                                         + gradient, one pass
 ``kernels.feature_conditioning.feature_conditioning``   action-conditioned mask tokens: per-position fc1
                                                         + gather + GELU, fused backward
+``kernels.layer_norm_linear.layer_norm_linear``       LayerNorm in the prologue of the following linear
+                                                        projection (a block's LN -> QKV, LN -> fc1), fused
+                                                        weight-gradient and LayerNorm backward
 ``kernels.ema.ema_update_flat_(flat, online, m)``       target-encoder EMA over a ``FlatBuffer``: one
                                                         launch (online: a list of tensors or one flat
                                                         partition)

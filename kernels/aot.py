@@ -34,9 +34,9 @@ def op_modules() -> list:
     Each provides ``aot_launches(shapes)`` (the sm_80 / sm_90 compile tier) and ``check_cases(shapes,
     dtype, device)`` (``make gpu-check``: the kernels against the reference, :class:`kernels.specs.CheckCase`);
     a new op joins both by being listed here."""
-    from kernels import ema, feature_conditioning, gather, l2_loss
+    from kernels import ema, feature_conditioning, gather, l2_loss, layer_norm_linear
 
-    return [gather, l2_loss, feature_conditioning, ema]
+    return [gather, l2_loss, feature_conditioning, layer_norm_linear, ema]
 
 
 def launches(shapes_list: Sequence[Shapes]) -> List[Launch]:

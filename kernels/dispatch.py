@@ -197,22 +197,25 @@ class TilePolicy:
 
     ``columns``: the column tile choices (powers of two; :func:`column_block` picks the one that pads
     ``D`` least), or None for whole rows (``block_d = next_power_of_2(D)``: the op needs a whole row in
-    registers, e.g. for a layer norm). ``block_t`` is ``elements // block_d`` capped at ``max_rows``.
+    registers, e.g. for a layer norm). ``block_t`` is ``elements // block_d`` capped at ``max_rows``,
+    and at least ``min_rows`` (``tl.dot`` takes blocks of 16 and more).
     Warps: one per 1024 elements of the tile, between 4 and 8.
     """
 
     elements: int
     max_rows: int
     columns: Optional[Tuple[int, ...]] = None
+    min_rows: int = 1
 
     def tiles(self, D: int) -> Tiles:
         whole = next_power_of_2(D)
         block_d = whole if self.columns is None else min(whole, column_block(D, self.columns))
-        block_t = max(1, min(self.max_rows, self.elements // block_d))
+        block_t = max(self.min_rows, min(self.max_rows, self.elements // block_d))
         return Tiles(block_t, block_d, min(8, max(4, block_t * block_d // 1024)))
 
 
 _INTERPRETER_ROWS = TilePolicy(elements=32768, max_rows=16)  # whole rows, few programs
+_INTERPRETER_DOT = TilePolicy(elements=1 << 16, max_rows=64, min_rows=16)  # whole rows, tl.dot-sized
 
 #: op -> target -> policy. The EMA is a ``[1, n]`` problem (one flat buffer): only its column tile matters.
 TILE_POLICIES: Dict[str, Dict[str, TilePolicy]] = {
@@ -222,6 +225,14 @@ TILE_POLICIES: Dict[str, Dict[str, TilePolicy]] = {
     # 2048 elements: with the 12-column action the backward spilled at 4096 (sm_80 fp32, sm_90 fp32)
     "feature_conditioning": {"cuda": TilePolicy(elements=2048, max_rows=64, columns=(512, 256, 128)),
                              "interpreter": _INTERPRETER_ROWS},
+    # LN -> linear: forward [M, N] tiles of y (the K loop in blocks of layer_norm_linear.reduction_block),
+    # weight gradient [N, K] tiles of g_W (the M loop likewise), LayerNorm backward [M, K] row tiles
+    "layer_norm_linear": {"cuda": TilePolicy(elements=8192, max_rows=64, columns=(128, 64), min_rows=16),
+                          "interpreter": _INTERPRETER_DOT},
+    "layer_norm_linear_dw": {"cuda": TilePolicy(elements=8192, max_rows=64, columns=(128, 64), min_rows=16),
+                             "interpreter": _INTERPRETER_DOT},
+    "layer_norm_backward": {"cuda": TilePolicy(elements=4096, max_rows=16, columns=(256, 128)),
+                            "interpreter": _INTERPRETER_ROWS},
     "ema_update": {"cuda": TilePolicy(elements=4096, max_rows=1, columns=(4096,)),
                    "interpreter": TilePolicy(elements=1 << 16, max_rows=1, columns=(1 << 16,))},
 }

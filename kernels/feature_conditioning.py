@@ -10,7 +10,8 @@ Each target token's mask token (after its positional embedding) is concatenated 
 What the Triton version fuses: fc1 is linear, so its token part only depends on the POSITION:
 ``P = (mask_token + pos_embed) @ w1[:, :D].T + b1`` is computed once per position (``[N, H]``, one small
 matmul, N = patches << T = target tokens of the batch). One kernel then, per block of tokens, gathers
-``P[target_pos]``, adds ``action[token_batch] @ w1[:, D:].T`` (A = 7 FMAs per output, fp32) and applies
+``P[target_pos]``, adds ``action[token_batch] @ w1[:, D:].T`` (A FMAs per output, fp32; A is the action's
+width, ``views.action_dim``: 8 columns with a fixed jitter order, 12 with a random one) and applies
 the GELU. fc2 and fc3 stay cuBLAS matmuls (F.linear). The backward recomputes fc1 with the same kernel,
 which also applies the GELU derivative and reduces fc1's gradients (w.r.t. P, b1, w1's action
 columns and the action) with fp32 atomics, so neither fc1's pre-activation nor its gradient ``[T, H]``

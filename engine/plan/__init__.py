@@ -157,7 +157,7 @@ def token_stats(cfg: IWMConfig, batch: int, samples: int = MASK_SAMPLES, seed: i
 # Activations
 # ----------------------------------------------------------------------------------------------------
 def block_saved_bytes(tokens: float, width: int, heads: int, mlp_ratio: float, prec: Precision,
-                      padded_tokens: Optional[float] = None) -> float:
+                      padded_tokens: Optional[float] = None, fused_layer_norm: bool = False) -> float:
     """Bytes one ViT block saves for its backward pass over `tokens` packed tokens.
 
     Per token: the two layer-norm inputs (residual stream) 2*D*r, their mean/rstd 16 B, the inputs of
@@ -165,16 +165,25 @@ def block_saved_bytes(tokens: float, width: int, heads: int, mlp_ratio: float, p
     D*a, the MLP hidden before and after GELU 2*h*D*a, and the attention's log-sum-exp 4*H B.
     `padded_tokens` (the sdpa backend: B x longest sample) adds the padded q, k, v and output copies
     4*D*a and an int64 row index per token, with the log-sum-exp over the padded length.
+    `fused_layer_norm` (kernels.layer_norm_linear's Triton path): the layer-norm outputs are not saved
+    (recomputed from the inputs and their mean/rstd), 2*D*a less.
     """
     r, a = prec.residual_bytes, prec.act_bytes
     hidden = mlp_ratio * width
-    per_token = 2 * width * r + 16 + 2 * width * a + 3 * width * a + width * a + 2 * hidden * a
+    ln_out = 0 if fused_layer_norm else 2 * width * a
+    per_token = 2 * width * r + 16 + ln_out + 3 * width * a + width * a + 2 * hidden * a
     total = tokens * per_token
     if padded_tokens is None:
         total += tokens * 4 * heads
     else:
         total += padded_tokens * (4 * width * a + 4 * heads) + tokens * 8
     return total
+
+
+def fused_layer_norm(cfg: IWMConfig, attention: str) -> bool:
+    """Do the blocks run LN -> QKV / fc1 as the fused Triton op (the CUDA path, kernels not forced to
+    the reference)? Then the layer-norm outputs are not saved."""
+    return attention == "packed" and cfg.train.kernels != "reference"
 
 
 def block_input_bytes(tokens: float, width: int, prec: Precision) -> float:
@@ -196,6 +205,7 @@ def activation_layers(cfg: IWMConfig, batch: int, tok: TokenStats, prec: Precisi
     attention: 'packed' (xformers on the packed sequence: the CUDA path) or 'padded' (sdpa on the batch
     padded to its longest sample: the CPU path)."""
     m = cfg.model
+    fused = fused_layer_norm(cfg, attention)
     dim, depth, heads = m.encoder_dims()
     w, A = m.predictor_width, cfg.views.action_dim
     r, a, g = prec.residual_bytes, prec.act_bytes, prec.grad_bytes
@@ -213,7 +223,7 @@ def activation_layers(cfg: IWMConfig, batch: int, tok: TokenStats, prec: Precisi
                               (3 * m.patch_size ** 2 * dim + dim) * g)]
     for i in range(depth):
         saved = (block_input_bytes(Tc, dim, prec) if checkpointing
-                 else block_saved_bytes(Tc, dim, heads, m.mlp_ratio, prec, pad_c))
+                 else block_saved_bytes(Tc, dim, heads, m.mlp_ratio, prec, pad_c, fused))
         layers.append(ActivationLayer(f"encoder.{i}", saved, n_blk_enc * g))
     # encoder final norm (input + stats), predictor embed input (the norm output), conditioning inputs
     head = Tc * (dim * r + 8 + dim * a)
@@ -224,7 +234,7 @@ def activation_layers(cfg: IWMConfig, batch: int, tok: TokenStats, prec: Precisi
     layers.append(ActivationLayer("encoder_norm+predictor_in", head, (2 * dim + n_head) * g))
     for i in range(m.predictor_depth):
         saved = (block_input_bytes(Tp, w, prec) if checkpointing
-                 else block_saved_bytes(Tp, w, m.predictor_heads, m.mlp_ratio, prec, pad_p))
+                 else block_saved_bytes(Tp, w, m.predictor_heads, m.mlp_ratio, prec, pad_p, fused))
         layers.append(ActivationLayer(f"predictor.{i}", saved, n_blk_pred * g))
     # target-row index, predictor norm (input + stats), proj input, the loss's [Tt, D] fp32 residual
     tail = Tt * (8 + w * r + 8 + w * a + dim * 4)
@@ -238,10 +248,10 @@ def recompute_bytes(cfg: IWMConfig, batch: int, tok: TokenStats, prec: Precision
     dim, _, heads = m.encoder_dims()
     extra = cfg.views.action_dim if m.conditioning == "sequence" else 0
     Tc, Tp = batch * tok.context, batch * (tok.context + tok.target + extra)
-    padded = attention == "padded"
-    enc = block_saved_bytes(Tc, dim, heads, m.mlp_ratio, prec, batch * tok.context_max if padded else None)
+    padded, fused = attention == "padded", fused_layer_norm(cfg, attention)
+    enc = block_saved_bytes(Tc, dim, heads, m.mlp_ratio, prec, batch * tok.context_max if padded else None, fused)
     pred = block_saved_bytes(Tp, m.predictor_width, m.predictor_heads, m.mlp_ratio, prec,
-                             batch * tok.predictor_max if padded else None)
+                             batch * tok.predictor_max if padded else None, fused)
     return max(enc, pred)
 
 

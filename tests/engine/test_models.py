@@ -192,3 +192,77 @@ def test_activation_checkpointing_gives_equal_loss_and_gradients(mode):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _loss_and_grads(model, images, masks, action):
+    """The prediction loss of the online networks plus the dense (target-encoder-style) forward, and
+    every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    pred = model(images, masks, action)                # packed ragged blocks
+    dense = model.encoder(images)                      # dense [B, N, D] blocks
+    loss = (pred.float() ** 2).mean() + (dense.float() ** 2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_fused_layer_norm_blocks_are_timm_blocks_bit_for_bit(monkeypatch, drop_path):
+    # every block runs norm1 -> qkv and norm2 -> fc1 through kernels.layer_norm_linear; on CPU that must
+    # be exactly timm's LayerNorm + Linear (and the block timm's Block): equal losses and gradients
+    # (torch.equal) with the fusion switched off, dense and packed, with per-sample stochastic depth
+    import engine.models as models
+    from engine.models import RaggedBlock
+    calls, op = [], models.layer_norm_linear
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(models, "layer_norm_linear", counting)
+    cfg = tiny_cfg("feature")
+    cfg.model.drop_path = drop_path
+    images, masks, action = sample(cfg, 3, seed=5)
+    torch.manual_seed(0)
+    model = IWM(cfg)
+    blocks = [m for m in model.modules() if isinstance(m, RaggedBlock)]
+    assert len(blocks) == 4 and all(b.fuse_layer_norm for b in blocks)
+    torch.manual_seed(1)
+    fused = _loss_and_grads(model, images, masks, action)
+    assert len(calls) == 2 * (len(blocks) + cfg.model.depth)  # the packed pass's blocks, then the dense encoder's
+    for b in blocks:
+        b.fuse_layer_norm = False
+    torch.manual_seed(1)
+    plain = _loss_and_grads(model, images, masks, action)
+    assert len(calls) == 2 * (len(blocks) + cfg.model.depth)  # the unfused pass made none
+    assert torch.equal(fused[0], plain[0])
+    assert fused[1].keys() == plain[1].keys() and len(fused[1]) > 20
+    for n in fused[1]:
+        assert torch.equal(fused[1][n], plain[1][n]), n
+
+
+def test_fused_layer_norm_blocks_under_triton_match_the_reference():
+    # the same networks with the Triton kernels (interpreter): the block wiring (qkv layout, the MLP
+    # after fc1) against the reference path. fp32 tolerance: 1e-4 of each tensor's largest entry.
+    from kernels import dispatch
+    cfg = tiny_cfg("feature")
+    images, masks, action = sample(cfg, 2, seed=6)
+    torch.manual_seed(0)
+    model = IWM(cfg)
+    ref = _loss_and_grads(model, images, masks, action)
+    with dispatch.backend("triton", attention="reference"):
+        fused = _loss_and_grads(model, images, masks, action)
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-4, atol=0)
+    for n in ref[1]:
+        torch.testing.assert_close(fused[1][n], ref[1][n], rtol=0, atol=1e-4 * ref[1][n].abs().max().item(), msg=n)
+
+
+def test_zero3_is_told_of_the_fused_blocks_parameters():
+    # each block's forward reads its LayerNorms' and projections' parameters outside their modules:
+    # IWM.external_parameters names them (else ZeRO-3 would not gather them)
+    from engine.models import RaggedBlock
+    model = IWM(tiny_cfg("feature"))
+    pairs = {(id(m), id(p)) for m, p in model.external_parameters()}
+    for blk in (m for m in model.modules() if isinstance(m, RaggedBlock)):
+        for mod in (blk.norm1, blk.attn.qkv, blk.norm2, blk.mlp.fc1):
+            for p in mod.parameters():
+                assert (id(blk), id(p)) in pairs

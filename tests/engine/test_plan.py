@@ -52,6 +52,18 @@ def test_block_saved_bytes_by_hand():
     # padded to 12 rows (sdpa): + 12 * (4 padded copies of 8 floats + lse 2 floats) + an int64 per token
     assert block_saved_bytes(10, 8, 2, 4.0, FP32, padded_tokens=12) == \
         10 * (64 + 16 + 64 + 96 + 32 + 256) + 12 * (4 * 8 * 4 + 2 * 4) + 10 * 8
+    # LN -> QKV / fc1 fused (the Triton path): the two layer-norm outputs (2*8*4) are not saved
+    assert block_saved_bytes(10, 8, 2, 4.0, FP32, fused_layer_norm=True) == 10 * (64 + 16 + 96 + 32 + 256 + 8)
+
+
+def test_fused_layer_norm_on_the_cuda_path_only():
+    # the packed (CUDA) path runs the fused LN -> linear unless the kernels are forced to the reference;
+    # the padded (CPU) path runs timm's LayerNorm + Linear, which keep the layer-norm outputs
+    from engine.plan import fused_layer_norm
+    cfg = IWMConfig()
+    assert fused_layer_norm(cfg, "packed") and not fused_layer_norm(cfg, "padded")
+    cfg.train.kernels = "reference"
+    assert not fused_layer_norm(cfg, "packed")
 
 
 def test_memory_plan_by_hand_tiny():

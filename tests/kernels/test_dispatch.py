@@ -112,9 +112,19 @@ def test_column_block_pads_least():
 
 
 def test_tile_policies_cover_every_op_and_target():
-    assert set(dispatch.TILE_POLICIES) == {"masked_l2_loss", "gather_tokens", "feature_conditioning", "ema_update"}
+    assert set(dispatch.TILE_POLICIES) == {"masked_l2_loss", "gather_tokens", "feature_conditioning", "ema_update",
+                                           "layer_norm_linear", "layer_norm_linear_dw", "layer_norm_backward"}
     for op, policies in dispatch.TILE_POLICIES.items():
         assert set(policies) == set(dispatch.TILE_TARGETS), op
+
+
+def test_min_rows_keeps_dot_sized_tiles():
+    # tl.dot takes blocks of 16 rows and more: the LN -> linear policies never go below, however wide N is
+    for target in dispatch.TILE_TARGETS:
+        for op in ("layer_norm_linear", "layer_norm_linear_dw"):
+            t = dispatch.TILE_POLICIES[op][target].tiles(8192)
+            assert t.block_t >= 16 and t.block_d >= 16, (op, target, t)
+    assert dispatch.TilePolicy(elements=1024, max_rows=64, min_rows=16).tiles(4096).block_t == 16
 
 
 def test_cuda_tiles_at_the_recipe_widths():
