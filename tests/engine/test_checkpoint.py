@@ -194,13 +194,16 @@ def test_disk_full_names_the_folder_and_keeps_the_previous_checkpoint(done_run, 
 
 
 @pytest.mark.slow
-def test_a_changed_number_of_ranks_is_a_message(done_run, tmp_path):
+def test_another_rank_count_at_another_global_batch_is_a_message(done_run, tmp_path):
+    # resuming on another number of ranks reshards (tests/engine/test_reshard.py), but only at the saved global
+    # batch: a run saved on 2 ranks x 16 and resumed on 1 x 16 would change it, and says how to keep it
     out = copy_run(done_run, tmp_path)
     manifest = out / "ds" / "step_00000008" / "manifest.json"
     m = json.loads(manifest.read_text())
     m["world_size"] = 2
     manifest.write_text(json.dumps(m))
     config_before = (out / "config.json").read_bytes()
-    with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1.*--num_gpus 2"):
+    with pytest.raises(CheckpointError, match=r"global batch of 32 on 2 ranks; 1 ranks x data.batch_size=16 give 16: "
+                                              r"keep the global batch with --set optim.global_batch=32"):
         resume(out, STEPS + 2)
     assert (out / "config.json").read_bytes() == config_before, "a failed start does not rewrite config.json"
