@@ -541,26 +541,17 @@ def _seed_worker(worker_id: int) -> None:
 def ignore_stop_signals() -> None:
     """In a loader worker: the stop signals (engine/preempt.py) are its rank's business. Launchers and SLURM
     signal whole process trees, and torch's worker handler dies of a SIGTERM that its parent did not send,
-    which would fail the rank's next batch in the middle of the agreed stop. SIGUSR1 / SIGUSR2 are ignored;
-    SIGTERM is taken by a thread (``sigwaitinfo``, which sees the sender) that ends the worker as torch's
-    handler does when its rank sent it (torch's shutdown falls back to that) and ignores it otherwise."""
+    which would fail the rank's next batch in the middle of the agreed stop. So a worker ignores them all.
+    It still ends: the loader's shutdown sends it a sentinel it exits on (exit code 0), and torch's worker
+    loop exits by itself when its rank is gone. (Telling the rank's own SIGTERM from the others' by a
+    ``sigwaitinfo`` thread does not hold: a thread the worker started before this runs cannot be made to
+    block the signal, and one that does not block it takes it.)"""
     import signal
-    import threading
 
     from engine.preempt import STOP_SIGNALS
 
     for s in STOP_SIGNALS:
-        if s != signal.SIGTERM:
-            signal.signal(s, signal.SIG_IGN)
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread and the ones it starts
-
-    def take_sigterm() -> None:
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=take_sigterm, name="iwm-worker-sigterm", daemon=True).start()
+        signal.signal(s, signal.SIG_IGN)
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool,
