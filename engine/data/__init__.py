@@ -10,10 +10,12 @@ a random resized crop and a horizontal flip (:class:`SharedCrop`).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import random
+import weakref
 from pathlib import Path
 from typing import Callable, List, Optional, Protocol, Tuple
 
@@ -542,8 +544,9 @@ def ignore_stop_signals() -> None:
     """In a loader worker: the stop signals (engine/preempt.py) are its rank's business. Launchers and SLURM
     signal whole process trees, and torch's worker handler dies of a SIGTERM that its parent did not send,
     which would fail the rank's next batch in the middle of the agreed stop. So a worker ignores them all.
-    It still ends: the loader's shutdown sends it a sentinel it exits on (exit code 0), and torch's worker
-    loop exits by itself when its rank is gone. (Telling the rank's own SIGTERM from the others' by a
+    It still ends: the loader's shutdown sends it a sentinel it exits on (exit code 0), torch's worker
+    loop exits by itself when its rank is gone, and at the rank's exit :func:`_end_workers` ends what is
+    left (multiprocessing's own exit would SIGTERM it and then wait for ever). (Telling the rank's own SIGTERM from the others' by a
     ``sigwaitinfo`` thread does not hold: a thread the worker started before this runs cannot be made to
     block the signal, and one that does not block it takes it.)"""
     import signal
@@ -552,6 +555,37 @@ def ignore_stop_signals() -> None:
 
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+_WORKER_BATCHES: "weakref.WeakSet" = weakref.WeakSet()  # the live iterators that own loader workers
+
+
+def _end_workers() -> None:
+    """At the rank's exit (registered after multiprocessing's own exit function, so it runs first): every
+    live batch iterator's workers get the shutdown sentinel, and one still alive after it is killed, since it
+    ignores the SIGTERM that multiprocessing would send before joining it."""
+    for batches in list(_WORKER_BATCHES):
+        workers = list(batches._workers)
+        try:
+            batches._shutdown_workers()
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=5)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker-owning iterators are known to :func:`_end_workers`."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if self.num_workers > 0 and batches not in _WORKER_BATCHES:
+            if not _WORKER_BATCHES:
+                atexit.unregister(_end_workers)  # once, however many loaders
+                atexit.register(_end_workers)
+            _WORKER_BATCHES.add(batches)
+        return batches
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool,
@@ -586,9 +620,9 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
     generator.manual_seed(seed + 1_000_003 * rank)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
-                      generator=generator, worker_init_fn=_seed_worker if num_workers > 0 else None)
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                   pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
+                   generator=generator, worker_init_fn=_seed_worker if num_workers > 0 else None)
 
 
 def to_float_images(batch_uint8: torch.Tensor, device) -> torch.Tensor:
