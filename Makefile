@@ -32,14 +32,14 @@ test: $(STAMP)
 # its reference in fp32 / bf16 at the ViT-B/16 and ViT-H/14 shapes, 30 timed pretraining steps per backend pair;
 # without CUDA a dry mode (tiny shapes, the interpreter) that lists what it skipped
 gpu-check: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
+	$(BIN)/python -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
 
 # kernel microbenchmarks: a table + JSON, then pytest-benchmark (on CPU: reference paths, small batch);
 # first every Triton kernel compiled for sm_80 / sm_90 (no GPU needed): registers, spills, shared memory
 bench: $(STAMP)
-	$(BIN)/python benchmarks/compile_table.py --check --out benchmarks/results/kernels_resources.json
-	$(BIN)/python benchmarks/kernels_table.py --out benchmarks/results/kernels.json
-	$(BIN)/python benchmarks/attention_table.py --out benchmarks/results/attention.json
+	$(BIN)/python -m benchmarks.compile_table --check --out benchmarks/results/kernels_resources.json
+	$(BIN)/python -m benchmarks.kernels_table --out benchmarks/results/kernels.json
+	$(BIN)/python -m benchmarks.attention_table --out benchmarks/results/attention.json
 	$(BIN)/python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable -q
 
 # the plain-PyTorch peer of benchmarks/e2e.py: lightly's I-JEPA (pinned, installed, never vendored) in its own
@@ -55,7 +55,7 @@ bench-peer: $(PEER)/.installed
 
 # our training step against the peer, alternating (tables + benchmarks/results/e2e.json)
 bench-e2e: $(STAMP) $(PEER)/.installed
-	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python -m benchmarks.e2e
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Ragged attention backends on the encoder's packed context tokens: time and peak memory, fwd+bwd.
 
-    python benchmarks/attention_table.py [--quick] [--out benchmarks/results/attention.json]
+    python -m benchmarks.attention_table [--quick] [--out benchmarks/results/attention.json]
 
 Each sample keeps its own number of context tokens (the complement of the target blocks, drawn by
 ``engine.masks.MaskSampler`` with the recipe's mask config), packed into one sequence with per-sample lengths.
@@ -15,18 +15,12 @@ in bf16; on CPU a batch of 4 in fp32 (said in the output).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-import kernels_table as kt  # noqa: E402
-from kernels import attention as A  # noqa: E402
-from tests.kernels.attention_helpers import attention_with_bias, block_diagonal_bias  # noqa: E402
+from benchmarks import kernels_table as kt
+from benchmarks.common import allocated_peak, attention_with_bias, block_diagonal_bias, save_json, time_fn
+from kernels import attention as A
 
 
 def run(quick: bool, out, device: torch.device) -> dict:
@@ -53,12 +47,12 @@ def run(quick: bool, out, device: torch.device) -> dict:
 
         for backend in backends:
             fn = lambda b=backend: step(b)  # noqa: E731
-            ms = kt.time_fn(fn, device, reps=3 if quick else 10, warmup=1)
-            mib = kt.peak_mem(fn, device) / 2 ** 20
+            ms = time_fn(fn, device, reps=3 if quick else 10, warmup=1)
+            mib = allocated_peak(fn, device) / 2 ** 20
             rows.append(dict(recipe=recipe, backend=backend, tokens=T, max_len=max(lens), ms=ms, peak_mib=mib))
             print(f"{recipe:9s} {backend:11s} T={T:6d} max_len={max(lens):4d}  {ms:9.2f} ms  {mib:9.1f} MiB")
     result = dict(device=str(device), batch=batch, dtype=str(dtype), rows=rows)
-    kt.save_json(result, out)
+    save_json(result, out)
     return result
 
 

@@ -1,7 +1,7 @@
 """Compile every Triton kernel for sm_80 and sm_90 without a GPU: registers, spills, shared memory.
 
-    python benchmarks/compile_table.py [--arch 80 --arch 90] [--out benchmarks/results/kernels_resources.json]
-                                       [--check] [--jobs 2]
+    python -m benchmarks.compile_table [--arch 80 --arch 90] [--out benchmarks/results/kernels_resources.json]
+                                      [--check] [--jobs 2]
 
 Each kernel is compiled (``kernels/aot.py``: a stand-in CUDA driver reporting the architecture, then
 Triton's whole pipeline down to ``ptxas``) at the launches a training step makes for the two pretraining
@@ -27,13 +27,11 @@ import multiprocessing  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, ".cache", "triton-aot"))
-for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from benchmarks.common import ROOT, save_json  # noqa: E402
 
-import kernels_table as kt  # noqa: E402
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(ROOT, ".cache", "triton-aot"))
+
+from benchmarks import kernels_table as kt  # noqa: E402
 from kernels import aot  # noqa: E402
 
 COLUMNS = [("kernel", "kernel", 22), ("variant", "variant", 12), ("arch", "arch", 5), ("dtype", "dtype", 5),
@@ -117,7 +115,7 @@ def main(argv=None) -> int:
           f"{seconds:.1f} s; {len(spilled)} spill" + ("" if len(spilled) == 1 else "s"))
     import torch
     import triton
-    kt.save_json(dict(triton=triton.__version__, torch=torch.__version__, archs=[f"sm_{a}" for a in archs],
+    save_json(dict(triton=triton.__version__, torch=torch.__version__, archs=[f"sm_{a}" for a in archs],
                       shapes={name: vars(recipe_aot_shapes(name)) for name in kt.RECIPES},
                       seconds=seconds, rows=rows), args.out)
     if args.check and spilled:

@@ -1,7 +1,7 @@
 """Data-pipeline throughput: the loader (decode + crop) from an ImageFolder and from tar shards, and the two
 views, the action and the masks of one batch, on one CPU thread.
 
-    python benchmarks/data_pipeline.py [--quick] [--part all|loader|views] [--workers 1 2 4]
+    python -m benchmarks.data_pipeline [--quick] [--part all|loader|views] [--workers 1 2 4]
         [--out benchmarks/results/data_pipeline.json]
 
 **Loader** (``--part loader``): the training loader as the engine builds it (``engine.data.build_loader`` with
@@ -39,20 +39,16 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from engine.config import MaskConfig, ViewConfig  # noqa: E402
-from engine.distributed import keep_freed_memory  # noqa: E402
-from engine.masks import MaskSampler  # noqa: E402
-from engine.views import make_views  # noqa: E402
+from benchmarks.common import ROOT, save_json
+from engine.config import MaskConfig, ViewConfig
+from engine.distributed import keep_freed_memory
+from engine.masks import MaskSampler
+from engine.views import make_views
 
 SIZES = (64, 128, 224)
 BATCH = 32
@@ -86,9 +82,7 @@ def run(quick: bool, out, part: str = "all", workers=(1, 2, 4), images: int = 0)
     if part in ("all", "loader"):
         result["loader"] = loader_table(quick, workers, images)
         result["workers_per_gpu"] = workers_per_gpu(result["loader"])
-    import kernels_table as kt
-
-    kt.save_json(result, out)
+    save_json(result, out)
     return result
 
 

@@ -1,9 +1,9 @@
 """End-to-end training step, side by side: this engine's IWM step against a plain-PyTorch I-JEPA peer.
 
     make bench-peer                                   # once: builds .venv-peer (pinned lightly==1.6.0)
-    python benchmarks/e2e.py [--quick] [--threads N] [--models ti,s] [--clock wall|cpu] [--set K=V]
+    python -m benchmarks.e2e [--quick] [--threads N] [--models ti,s] [--clock wall|cpu] [--set K=V]
                              [--compile] [--out benchmarks/results/e2e.json]
-    python benchmarks/e2e.py --profile [--models ti]   # torch.profiler of our step: top ops and phases
+    python -m benchmarks.e2e --profile [--models ti]   # torch.profiler of our step: top ops and phases
 
 **Ours** is the step ``engine.pretrain.pretrain()`` runs: :meth:`engine.run.Run.optimizer_step` on the
 Pretraining task (views + action, masks, EMA target encoder, encoder + feature-conditioned predictor,
@@ -22,8 +22,10 @@ Configs: ViT-Ti/16 + predictor 6 x 192 and ViT-S/16 + 6 x 384 (head width 64 eve
 the embedded data set, made once by this script; the loader is outside the timing on both sides, as are
 the peer's transforms, and its ImageNet normalisation), warms up, counts one step's FLOPs with
 ``torch.utils.flop_counter.FlopCounterMode`` (plus the CPU flash-attention ops it does not know), times
-``--steps`` steps, and measures a 2048^3 fp32 matmul in the same process: MFU = achieved FLOP/s over that
-peak. Peak RSS is the resident high-water mark over the timed steps (reset after the warm-up). The sides
+``--steps`` steps, and measures a 2048^3 fp32 matmul in the same process (``benchmarks.common.matmul_peak``):
+MFU = achieved FLOP/s over that peak. Peak RSS is the resident high-water mark over the timed steps
+(``benchmarks.common.reset_peak_rss`` after the warm-up, then ``peak_rss``; ``rss_window`` in the JSON says
+"whole process" where the mark could not be reset). The sides
 alternate (A/B/A/B) for ``--rounds`` rounds and each figure is the median over rounds. Ours' FLOPs exclude
 the views' own small matmuls (colour matrices, blur), reported apart. Both clocks are kept in the JSON: wall
 time (the table's by default) and process CPU time per thread (``--clock cpu``: steadier on a shared
@@ -37,7 +39,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,8 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import ROOT, matmul_peak, peak_rss, reset_peak_rss
+
 PEER_PYTHON = os.path.join(ROOT, ".venv-peer", "bin", "python")
 MODELS = {  # name -> (our encoder, patch, predictor depth, predictor width, heads of encoder / predictor)
     "ti": ("vit_tiny", 16, 6, 192, 3),
@@ -101,40 +103,6 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak(size: int = 2048, reps: int = 5) -> dict:
-    """Best FLOP/s of a size^3 fp32 matmul in this process, on the wall clock and the CPU clock (per thread)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
-    torch.mm(a, b, out=out)
-    wall, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        torch.mm(a, b, out=out)
-        wall.append(time.perf_counter() - t0)
-        cpu.append((time.process_time() - c0) / torch.get_num_threads())
-    flop = 2 * size ** 3
-    return {"wall": flop / min(wall), "cpu": flop / min(cpu)}
-
-
-def reset_peak_rss() -> bool:
-    """Linux: restart the process's resident-set high-water mark (VmHWM) from its current size."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb(reset_ok: bool) -> float:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def time_steps(step, steps: int) -> dict:
     """Mean wall and CPU seconds per step (CPU time divided by the threads) over ``steps`` calls."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -155,7 +123,7 @@ def measure(step, flop_step, warmup: int, steps: int) -> dict:
     reset_ok = reset_peak_rss()
     timing = time_steps(step, steps)
     return dict(flop_per_step=flops, matmul_peak_wall=peak["wall"], matmul_peak_cpu=peak["cpu"],
-                peak_rss_mb=peak_rss_mb(reset_ok), rss_window="timed steps" if reset_ok else "whole process",
+                peak_rss_mb=peak_rss() / 2 ** 20, rss_window="timed steps" if reset_ok else "whole process",
                 **timing)
 
 
@@ -171,13 +139,10 @@ def our_sets(model: str, img: int, batch: int) -> list:
 
 
 def our_config(model: str, img: int, batch: int, overrides, out_dir: str):
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    import pretrain_tiny
+    from engine.config import load_recipe
 
-    cfg = pretrain_tiny.config()
-    for s in our_sets(model, img, batch) + [f"train.out_dir={out_dir}", *overrides]:
-        cfg.override(s)
-    return cfg.validate()
+    sets = our_sets(model, img, batch) + [f"train.out_dir={out_dir}", *overrides]
+    return load_recipe(os.path.join(ROOT, "recipes", "pretrain_tiny.py"), sets).validate()
 
 
 def our_engine(args, images: torch.Tensor, out_dir: str):
@@ -396,7 +361,7 @@ def child_main(args) -> None:
 def run_child(python: str, args, side: str, model: str, images_path: str, peer_masks: str = "") -> dict:
     """One side's subprocess; ``peer_masks`` is the peer's collator setting, or for our side 'compile'
     (train.compile=true on top of ``--set``)."""
-    cmd = [python, os.path.abspath(__file__), "--child", "--side", side, "--model", model, "--images", images_path,
+    cmd = [python, "-m", "benchmarks.e2e", "--child", "--side", side, "--model", model, "--images", images_path,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if peer_masks and side == "peer":
         cmd += ["--peer-masks", peer_masks]
@@ -533,7 +498,6 @@ def main(argv=None) -> int:
     if args.child:
         child_main(args)
         return 0
-    sys.path.insert(0, ROOT)
     if args.profile:
         with tempfile.TemporaryDirectory() as tmp:
             args.images = os.path.join(tmp, "images.pt")

@@ -1,6 +1,6 @@
 """Optimizer steps of each pretraining recipe at its real size on the CPU, and engine.plan beside them.
 
-    python benchmarks/full_size.py [--recipes vitb_inv,vitb_equi,vitl_equi,vith] [--out benchmarks/results/full_size.json]
+    python -m benchmarks.full_size [--recipes vitb_inv,vitb_equi,vitl_equi,vith] [--out benchmarks/results/full_size.json]
 
 Each recipe runs its real networks at 224 px (the recipe's encoder, patch size and predictor) for two optimizer
 steps of what ``engine.pretrain.pretrain`` runs (``benchmarks/recipe_step.py``: views + action, masks, EMA target
@@ -9,8 +9,8 @@ encoder, encoder + predictor, loss, DeepSpeed backward, AdamW, EMA update) in fp
 CPU ranks at ZeRO-3 for the ViT-B/16 recipes; one rank for ViT-L/16 and ViT-H/14: two ranks of ViT-L/16 at ZeRO-3
 hold about 8 GiB each while the engine is built, more than a machine shared by other jobs can give), batch 1 or
 2 per rank, no accumulation. Each rank reports a step's peak resident memory: its high-water mark during the step (reset
-before each step) minus its resident size after the imports, the larger of the two steps (the first one
-allocates what the optimizer then keeps; the second is the steady state that engine.plan models), with glibc returning freed blocks
+before each step: ``benchmarks.common.reset_peak_rss`` / ``peak_rss``) minus its resident size after the imports,
+the larger of the two steps (the first one allocates what the optimizer then keeps; the second is the steady state that engine.plan models), with glibc returning freed blocks
 (``MALLOC_MMAP_THRESHOLD_=65536``, ``IWM_MALLOC=default``), as ``benchmarks/plan_validation.py`` measures.
 Beside it: ``engine.plan.memory_plan`` for that very configuration (stage, ranks, batch, fp32, padded
 attention, no CUDA overhead, ``resident=True``: the pages a CPU process holds). Before each launch the script checks that MemAvailable holds 1.1x the plan for
@@ -25,11 +25,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from benchmarks import recipe_step as rs
+from benchmarks.common import ROOT, current_rss, peak_rss, reset_peak_rss
 
 GiB = 2 ** 30
 #: name -> (recipe file, ranks, ZeRO stage, batch per rank)
@@ -51,7 +48,6 @@ def sets(name: str, out_dir: str) -> list:
 
 def plan_bytes(name: str) -> dict:
     """engine.plan's per-rank peak for the launch, and its parts (GiB)."""
-    import recipe_step as rs
     from engine.plan import PRECISIONS, memory_plan, token_stats
 
     recipe, ranks, stage, batch = LAUNCHES[name]
@@ -61,37 +57,27 @@ def plan_bytes(name: str) -> dict:
     return dict(total=mem.total, peak_phase=mem.peak_phase, parts_gib={k: round(v, 3) for k, v in mem.gib().items()})
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def rank_main(name: str, tmp: str, steps: int = 2) -> None:
     """One rank of the launch: build, then per optimizer step reset the high-water mark, step, read it; report."""
     import torch
 
-    import recipe_step as rs
-
     torch.set_num_threads(1)
-    baseline = _status_kib("VmRSS") * 1024  # after torch, DeepSpeed and the engine are imported
+    baseline = current_rss()  # after torch, DeepSpeed and the engine are imported
     cfg = rs.load_config(LAUNCHES[name][0], sets(name, tmp))
     t0 = time.perf_counter()
     built = rs.build(cfg)
     built_s = time.perf_counter() - t0
     images = rs.random_images(cfg, n=1)
-    after_build = _status_kib("VmRSS") * 1024
+    after_build = current_rss()
     phases = watch_phases(built, baseline)
     peaks, times = [], []
     for i in range(steps):  # the first step allocates what the optimizer keeps; the second is the steady state
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM restarts from the current resident size
+        if not reset_peak_rss():  # VmHWM restarts from the current resident size
+            raise RuntimeError("full_size needs Linux's /proc/self/clear_refs to reset the resident high-water mark")
         t0 = time.perf_counter()
         rs.step(built, images, i)
         times.append(time.perf_counter() - t0)
-        peaks.append(_status_kib("VmHWM") * 1024)
+        peaks.append(peak_rss())
         phases.append(("end of step", i))
     loss = built.meters.loss_sum.item() / built.meters.micro
     print("FULL_SIZE " + json.dumps(dict(rank=built.run.info.rank, baseline=baseline, after_build=after_build,
@@ -109,8 +95,7 @@ def watch_phases(built, baseline: int) -> list:
 
         def wrapped(*a, **k):
             result = fn(*a, **k)
-            out.append((name, round((_status_kib("VmRSS") * 1024 - baseline) / GiB, 3),
-                        round((_status_kib("VmHWM") * 1024 - baseline) / GiB, 3)))
+            out.append((name, round((current_rss() - baseline) / GiB, 3), round((peak_rss() - baseline) / GiB, 3)))
             return result
         setattr(obj, attr, wrapped)
 
@@ -130,8 +115,6 @@ def mem_available() -> int:
 
 
 def launch(name: str, timeout: int) -> dict:
-    import recipe_step as rs
-
     recipe, ranks, stage, batch = LAUNCHES[name]
     plan = plan_bytes(name)
     row = dict(name=name, recipe=recipe, ranks=ranks, zero_stage=stage, batch_per_rank=batch, img=224,
@@ -143,7 +126,7 @@ def launch(name: str, timeout: int) -> dict:
                TRITON_INTERPRET="0")
     port = str(29500 + os.getpid() % 200)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks),
-           "--master_port", port, os.path.abspath(__file__), "--child", name]
+           "--master_port", port, "--module", "benchmarks.full_size", "--child", name]
     t0 = time.time()
     try:
         proc = rs.run_group(cmd, env, timeout, port)

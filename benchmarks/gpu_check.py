@@ -1,7 +1,7 @@
 """The first thing to run on a GPU machine: one command, every figure the engine's GPU speed rests on.
 
-    make gpu-check                 # = python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
-    python benchmarks/gpu_check.py [--dry] [--steps 30] [--recipes vitb,vith] [--out PATH]
+    make gpu-check                 # = python -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
+    python -m benchmarks.gpu_check [--dry] [--steps 30] [--recipes vitb,vith] [--out PATH]
 
 On one H100 / H200 it takes a few minutes (the budget is 8) and writes one JSON and prints one table of:
 
@@ -37,14 +37,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.dirname(os.path.abspath(__file__))
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import torch
 
-import torch  # noqa: E402
+from benchmarks.common import ROOT, cuda_peak, reset_cuda_peak, time_fn
 
+# the sibling benchmarks are imported in the functions: kernels_table imports triton (through kernels/), which
+# has to come after this
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels then run on CPU tensors
 
@@ -77,7 +75,7 @@ def version(module: str) -> str:
 
 
 def machine() -> dict:
-    import kernels_table as kt
+    from benchmarks import kernels_table as kt
     from engine.flops import PEAK_BF16
     from kernels import attention
 
@@ -109,7 +107,7 @@ def kernel_shapes(dry: bool) -> list:
     if dry:
         return [Shapes("tiny", batch=3, patches=16, enc_width=48, pred_width=32, action_dim=12, target_tokens=20,
                        context_tokens=25, encoder_params=3000, encoder_tensors=7)]
-    import compile_table
+    from benchmarks import compile_table
 
     return [compile_table.recipe_aot_shapes(RECIPES[k][0]) for k in RECIPES]
 
@@ -145,7 +143,6 @@ def max_error(fused: list, ref: list) -> tuple:
 
 def time_case(case, backend: str, device, reps: int) -> float:
     """Median ms of the case (forward + backward, or ``case.timed``) through ``backend``."""
-    import kernels_table as kt
     from kernels import dispatch
 
     def fn():
@@ -154,11 +151,11 @@ def time_case(case, backend: str, device, reps: int) -> float:
                 case.timed()
             else:
                 run_case(case, backend)
-    return kt.time_fn(fn, device, reps=reps, warmup=max(1, reps // 5))
+    return time_fn(fn, device, reps=reps, warmup=max(1, reps // 5))
 
 
 def case_row(case, recipe: str, dtype: str, device, peak_gbps) -> dict:
-    import kernels_table as kt
+    from benchmarks import kernels_table as kt
 
     fused, ref = run_case(case, "triton"), run_case(case, "reference")
     abs_err, rel_err = max_error(fused, ref)
@@ -231,7 +228,7 @@ def predicted_bytes(cfg, attention: str) -> float:
 
 
 def step_child(recipe: str, kernels: str, attention: str, compiled: bool, steps: int, warmup: int, dry: bool) -> dict:
-    import recipe_step as rs
+    from benchmarks import recipe_step as rs
     from engine.flops import device_peak_flops, step_flops
 
     with tempfile.TemporaryDirectory() as out_dir:
@@ -245,8 +242,7 @@ def step_child(recipe: str, kernels: str, attention: str, compiled: bool, steps:
         built.meters.reset()
         cuda = device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            reset_cuda_peak()
         t0 = time.perf_counter()
         for i in range(steps):
             rs.step(built, images, warmup + i)
@@ -263,15 +259,16 @@ def step_child(recipe: str, kernels: str, attention: str, compiled: bool, steps:
                     img_per_s=B / seconds, tflops_per_s=flops / seconds / 1e12, mfu=peak and flops / seconds / peak,
                     context_tokens=tok["context"], target_tokens=tok["target"],
                     loss=built.meters.loss_sum.item() / built.meters.micro,
-                    peak_allocated_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+                    peak_allocated_gib=cuda_peak() / 2 ** 30 if cuda else None,
                     peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None,
                     plan_gib=predicted_bytes(cfg, attention) / 2 ** 30)
 
 
 def run_step_child(recipe: str, kernels: str, attention: str, compiled: bool, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", recipe, kernels, attention, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)] + (["--dry"] if args.dry else []) + (["--compiled"] if compiled else [])
-    import recipe_step as rs
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--child", recipe, kernels, attention,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += (["--dry"] if args.dry else []) + (["--compiled"] if compiled else [])
+    from benchmarks import recipe_step as rs
     from engine.distributed import free_port
 
     port = free_port()

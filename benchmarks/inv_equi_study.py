@@ -1,7 +1,7 @@
 """The invariant / equivariant study at CPU scale: does the paper's direction hold for tiny IWMs?
 
-    OMP_NUM_THREADS=1 python benchmarks/inv_equi_study.py            # the study (docs/results.md)
-    python benchmarks/inv_equi_study.py --quick                     # a smoke check of every stage (seconds)
+    OMP_NUM_THREADS=1 python -m benchmarks.inv_equi_study           # the study (docs/results.md)
+    python -m benchmarks.inv_equi_study --quick                    # a smoke check of every stage (seconds)
 
 Two IWMs are pretrained on the embedded data from the demo recipe (``recipes/pretrain_tiny.config()``: its
 network, image size, steps and optimiser; read from the recipe, never copied):
@@ -36,11 +36,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from engine.checkpoint import atomic_write_json  # noqa: E402
-from engine.config import IWMConfig, ViewConfig, load_recipe  # noqa: E402
+from benchmarks.common import ROOT
+from engine.checkpoint import atomic_write_json
+from engine.config import IWMConfig, ViewConfig, load_recipe
 
 MODELS = ("inv", "equi")
 REFERENCE = "random"  # the randomly initialised encoder (probes only)
@@ -262,7 +260,7 @@ def run_children(args) -> None:
             model = queue.pop(0)
             os.makedirs(os.path.join(args.root, model), exist_ok=True)
             log = open(os.path.join(args.root, model, "study.log"), "w")
-            cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--root", args.root]
+            cmd = [sys.executable, "-m", "benchmarks.inv_equi_study", "--model", model, "--root", args.root]
             cmd += ["--quick"] * args.quick + ["--fresh"] * args.fresh
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads), cwd=ROOT)
             running.append((model, proc, log, time.time()))
@@ -410,7 +408,7 @@ def main(argv=None) -> int:
     if args.model:
         run_model(args.model, args.root, args.quick, args.fresh)
         return 0
-    command = "python benchmarks/inv_equi_study.py" + " --quick" * args.quick
+    command = "python -m benchmarks.inv_equi_study" + " --quick" * args.quick
     started = time.time()
     run_children(args)
     rows = gather(args.root)

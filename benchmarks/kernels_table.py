@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: each fused op against its unfused PyTorch composition, time and peak memory.
 
-    python benchmarks/kernels_table.py [--out benchmarks/results/kernels.json] [--quick]
+    python -m benchmarks.kernels_table [--out benchmarks/results/kernels.json] [--quick]
 
 Shapes come from the two pretraining recipes, loaded from ``recipes/pretrain_vitb_equi.py`` (ViT-B/16,
 predictor 384 wide) and ``recipes/pretrain_vith.py`` (ViT-H/14, predictor 512 wide) by
@@ -23,30 +23,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import copy
+import functools
 import math
 import os
 import platform
-import statistics
-import sys
-import time
-import copy
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from kernels import dispatch  # noqa: E402
-from kernels.ema import FlatBuffer, ema_update_flat_, ema_update_reference  # noqa: E402
-from kernels.feature_conditioning import FeatureConditioningFunction, feature_conditioning_reference  # noqa: E402
-from kernels.gather import GatherTokensFunction, gather_tokens_reference  # noqa: E402
-from kernels.l2_loss import MaskedL2LossFunction, masked_l2_loss_reference  # noqa: E402
-from kernels.layer_norm_linear import LayerNormLinearFunction, layer_norm_linear_reference  # noqa: E402
+from benchmarks.common import ROOT, allocated_peak, save_json, time_fn
+from kernels import dispatch
+from kernels.ema import FlatBuffer, ema_update_flat_, ema_update_reference
+from kernels.feature_conditioning import FeatureConditioningFunction, feature_conditioning_reference
+from kernels.gather import GatherTokensFunction, gather_tokens_reference
+from kernels.l2_loss import MaskedL2LossFunction, masked_l2_loss_reference
+from kernels.layer_norm_linear import LayerNormLinearFunction, layer_norm_linear_reference
 
 RECIPE_FILES = {"ViT-B/16": "recipes/pretrain_vitb_equi.py", "ViT-H/14": "recipes/pretrain_vith.py"}
 
@@ -254,67 +247,8 @@ def print_bytes_table(tab: Dict[str, Dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Timing and peak memory
+# The device's bandwidth (timing and peak memory: benchmarks/common.py)
 # ----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The CPU profiler (kineto) prints to fd 2; silence it while measuring memory."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def time_fn(fn: Callable[[], None], device: torch.device, reps: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mem(fn: Callable[[], None], device: torch.device) -> float:
-    """Peak bytes allocated by ``fn()`` on top of what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated() - base)
-    from torch.profiler import ProfilerActivity, profile
-    with _quiet_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = prof.profiler.kineto_results.events()
-        mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    cur = peak = 0
-    for _, n in mem:
-        cur += n
-        peak = max(peak, cur)
-    return float(peak)
-
-
 def device_peak_gbps(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -482,7 +416,7 @@ def run(quick: bool, out: Optional[str], device: torch.device, ops: Optional[Lis
             base_ms = None
             for impl, fn in case.impls.items():
                 ms = time_fn(fn, device, reps, warmup)
-                mem = peak_mem(fn, device)
+                mem = allocated_peak(fn, device)
                 nbytes = case.bytes.get(impl)
                 gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
                 if base_ms is None:
@@ -506,16 +440,6 @@ def run(quick: bool, out: Optional[str], device: torch.device, ops: Optional[Lis
                   bytes_moved_vith14=tab)
     save_json(result, out)
     return result
-
-
-def save_json(result: dict, out: Optional[str]) -> None:
-    """Write a benchmark's result as JSON (shared by the benchmark scripts)."""
-    if not out:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nsaved {out}")
 
 
 def main(argv=None):

@@ -1,11 +1,12 @@
 """Check engine.plan's memory model against measured peak memory of small configs on the CPU.
 
-    PYTHONPATH=. python benchmarks/plan_validation.py [--json benchmarks/results/plan_validation.json]
+    python -m benchmarks.plan_validation [--json benchmarks/results/plan_validation.json]
 
 Each config runs in its own subprocess: it builds ``engine.models.IWM`` and its fp32 target encoder
 (``engine.ema.TargetEncoder``), a torch AdamW, draws masks from ``engine.masks.MaskSampler`` and runs two
 forward + backward + step iterations (the second one with the AdamW moments allocated, as in a run).
-The measured figure is the peak resident set size (``ru_maxrss``) minus the RSS after imports.
+The measured figure is the resident high-water mark of that part alone (``benchmarks.common``: VmHWM,
+restarted after the imports) minus the RSS after imports.
 ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB so that glibc serves every tensor from mmap and returns
 it when freed (with the default dynamic threshold, freed heap memory stays resident and RSS measures
 the allocator's history, not the live tensors). The estimate is ``engine.plan.memory_plan`` for ZeRO
@@ -19,9 +20,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks.common import ROOT, current_rss, peak_rss, reset_peak_rss, save_json
 
 # name: (img_size, patch, width, depth, heads, predictor depth, predictor width, predictor heads, batch)
 CONFIGS = {
@@ -46,15 +45,15 @@ def make_config(name: str):
     return cfg.validate()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_in_process(name: str, steps: int = 2) -> dict:
-    """Runs in the child: peak RSS increase over the RSS after imports, in bytes."""
-    import resource
+    """Runs in the child: the peak RSS of the measured part over the RSS after imports, in bytes.
 
+    Recorded: ``peak_increase`` (the resident high-water mark over the model's build and ``steps`` iterations,
+    restarted after the imports, minus ``rss_after_imports``), ``rss_after_imports``,
+    ``import_peak_above_baseline`` (the high-water mark before the restart minus the baseline: what the
+    imports' own peak would have added to a lifetime maximum, when positive; the reset leaves it out),
+    ``peak_reset`` (False where the mark could not be restarted: ``peak_increase`` is then the lifetime
+    maximum's) and the mean token counts."""
     import torch
 
     from engine.masks import MaskSampler
@@ -64,8 +63,9 @@ def measure_in_process(name: str, steps: int = 2) -> dict:
 
     torch.set_num_threads(1)
     cfg = make_config(name)
-    baseline = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = current_rss()
+    peak_before = peak_rss()
+    reset = reset_peak_rss()
     torch.manual_seed(0)
     model = IWM(cfg)
     target_encoder = TargetEncoder(model.encoder)
@@ -88,9 +88,9 @@ def measure_in_process(name: str, steps: int = 2) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del pred, loss, target_feats, masks, source_view, target_view, action
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"name": name, "peak_increase": peak - baseline, "rss_after_imports": baseline,
-            "import_peak_above_baseline": peak_before - baseline,
+            "import_peak_above_baseline": peak_before - baseline, "peak_reset": reset,
             "mean_context": sum(ctx) / len(ctx), "mean_target": sum(tgt) / len(tgt)}
 
 
@@ -98,7 +98,7 @@ def measure(name: str) -> dict:
     """Spawn a fresh interpreter for `name` (a clean heap per config)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT,
                IWM_KERNELS="reference", IWM_ATTENTION="sdpa")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name], env=env,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.plan_validation", "--child", name], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -140,12 +140,10 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['config']:<22} {r['estimate_mib']:12.1f} {r['measured_mib']:12.1f} {r['ratio']:8.3f}  "
               f"{r['peak_phase']}")
-    import kernels_table  # the JSON writer the benchmarks share
-
-    kernels_table.save_json({"configs": rows, "tolerance": 0.25,
-                             "method": "peak RSS increase over the RSS after imports, MALLOC_MMAP_THRESHOLD_=65536; "
-                                       "estimate: engine.plan.memory_plan(stage 0, 1 rank, fp32, padded attention)"},
-                            args.json)
+    save_json({"configs": rows, "tolerance": 0.25,
+               "method": "peak RSS increase over the RSS after imports (the high-water mark restarted after them), "
+                         "MALLOC_MMAP_THRESHOLD_=65536; "
+                         "estimate: engine.plan.memory_plan(stage 0, 1 rank, fp32, padded attention)"}, args.json)
     return 0
 
 

@@ -2,7 +2,7 @@
 and a gradient-sized all-reduce) with and without the vote (``decide()`` + ``post()``) at every boundary, alternating rounds,
 and report the time the vote takes and the step time with / without it (ratios within one run).
 
-    python benchmarks/preempt_vote.py [--steps 200] [--rounds 5] [--out benchmarks/results/preempt_vote.json]
+    python -m benchmarks.preempt_vote [--steps 200] [--rounds 5] [--out benchmarks/results/preempt_vote.json]
 
 On a GPU node the default process group can be NCCL (``--backend nccl``): the vote still runs on its own gloo
 group with host tensors, so its cost does not depend on the device.
@@ -13,14 +13,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def stand_in_step(x: torch.Tensor, grad: torch.Tensor) -> None:

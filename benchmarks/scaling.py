@@ -1,11 +1,11 @@
 """Scaling study: encoder size x ranks x ZeRO stage, on the real pretraining path under the `deepspeed` launcher.
 
-    python benchmarks/scaling.py                       # CPU: ti, s, b x 1, 2 ranks x ZeRO 0-3 (< ~10 min, 2 cores)
-    python benchmarks/scaling.py --quick               # smoke: ti x 1, 2 ranks x ZeRO 1 (about a minute)
-    python benchmarks/scaling.py --sizes ti s b l h --ranks 1 2 4 8 --stages 1 2 3     # one GPU node
-    python benchmarks/scaling.py --nodes 1 2 --ranks 8 --hostfile hosts --master-addr node1  # across nodes
+    python -m benchmarks.scaling                       # CPU: ti, s, b x 1, 2 ranks x ZeRO 0-3 (< ~10 min, 2 cores)
+    python -m benchmarks.scaling --quick               # smoke: ti x 1, 2 ranks x ZeRO 1 (about a minute)
+    python -m benchmarks.scaling --sizes ti s b l h --ranks 1 2 4 8 --stages 1 2 3     # one GPU node
+    python -m benchmarks.scaling --nodes 1 2 --ranks 8 --hostfile hosts --master-addr node1  # across nodes
 
-Every point is one run of ``deepspeed --num_gpus R [--hostfile H --num_nodes K] benchmarks/scaling.py
+Every point is one run of ``deepspeed --num_gpus R [--hostfile H --num_nodes K] --module benchmarks.scaling
 --child ...``: each rank runs what ``engine.pretrain.pretrain`` runs (``engine.run.Run`` fitting
 ``engine.pretrain.Pretraining``: the loader, views, masks, DeepSpeed engine, EMA, logs), with the MRR
 evaluation and the checkpoint of the last step replaced by a measurement, so a point writes nothing but its
@@ -19,8 +19,10 @@ Per point: the first ``--warmup`` steps are discarded; throughput is the engine'
 the run's ``metrics.csv``: images of all ranks / rank 0's wall time of the step), combined over the remaining
 steps as images / total time; step time = global batch / throughput (mean; the median is saved too); per-rank
 img/s = throughput / ranks (data parallelism: each rank takes one batch per step). Peak memory per rank: on CPU
-the process's peak resident set (``ru_maxrss``, from start-up to the last step, glibc's default allocator;
-``rss_start`` is the resident set after imports), on CUDA ``torch.cuda.max_memory_allocated``. Scaling
+the process's resident high-water mark from the end of the imports to the last step (``peak_rss``: VmHWM,
+restarted after the imports by ``benchmarks.common.reset_peak_rss``, so the imports' own peak is not in it;
+glibc's default allocator; ``rss_start`` is the resident set after imports, ``peak_above_start_mib`` the
+difference), on CUDA ``torch.cuda.max_memory_allocated`` (``benchmarks.common.cuda_peak``). Scaling
 efficiency at N ranks = throughput(N) / (N / N0 x throughput(N0)) with N0 the fewest ranks measured for the
 same size and stage (1 in the default sweep: throughput(N) / (N x throughput(1))).
 
@@ -71,11 +73,9 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from engine.checkpoint import atomic_write_json  # noqa: E402
-from engine.distributed import free_port, remove_shm_buffers  # noqa: E402
+from benchmarks.common import ROOT, cuda_peak, current_rss, peak_rss, reset_peak_rss
+from engine.checkpoint import atomic_write_json
+from engine.distributed import free_port, remove_shm_buffers
 
 # short name -> (encoder, predictor depth, width, heads); the predictors of the issue's peer comparison (Ti, S)
 # and I-JEPA's 12 x 384 for the large encoders
@@ -137,7 +137,7 @@ def launch_command(deepspeed: str, point: Point, port: int, run_dir: str, thread
         cmd += ["--hostfile", hostfile, "--num_nodes", str(point.nodes)]
     if master_addr:
         cmd += ["--master_addr", master_addr]
-    cmd += [os.path.join("benchmarks", "scaling.py"), "--child", "--threads", str(threads), "--out", run_dir]
+    cmd += ["--module", "benchmarks.scaling", "--child", "--threads", str(threads), "--out", run_dir]
     for s in overrides:
         cmd += ["--set", s]
     return cmd
@@ -245,24 +245,19 @@ def plot(points: List[dict], path: str) -> str:
 
 
 # ---- the child: one point, on every rank, under the deepspeed launcher ---------------------------------------
-def rank_memory(device, rss_start: int) -> dict:
-    import resource
-
+def rank_memory(device, rss_start: int, peak_reset: bool) -> dict:
+    """This rank's memory at the last step: ``peak_rss`` is the resident high-water mark since the reset after
+    the imports (``peak_reset`` False: it could not be restarted, the figure is the whole process's)."""
     import torch
 
     out = {"host": socket.gethostname(), "threads": torch.get_num_threads(), "rss_start": rss_start,
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+           "peak_rss": peak_rss(), "peak_reset": peak_reset}
     if device.type == "cuda":
-        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_max_allocated"] = cuda_peak(device)
     return out
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measured_run(cfg, info, rss_start: int):
+def measured_run(cfg, info, rss_start: int, peak_reset: bool):
     """``engine.run.Run`` whose last step measures memory instead of evaluating and writing a checkpoint."""
     from engine.distributed import barrier
     from engine.run import Run
@@ -277,10 +272,10 @@ def measured_run(cfg, info, rss_start: int):
             import torch.distributed as dist
 
             self._check_finite(step, meters)
-            ranks = [rank_memory(self.device, rss_start)]
+            ranks = [rank_memory(self.device, rss_start, peak_reset)]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 ranks = [None] * dist.get_world_size()
-                dist.all_gather_object(ranks, rank_memory(self.device, rss_start))
+                dist.all_gather_object(ranks, rank_memory(self.device, rss_start, peak_reset))
             if self.info.is_main:
                 atomic_write_json(os.path.join(self.dir.path, "point.json"),
                                   {"world": self.info.world_size, "device": str(self.device), "step": step,
@@ -306,11 +301,12 @@ def child_main(argv: List[str]) -> int:
 
     args = recipe_parser(__doc__).parse_args(rest)
     rss_start = current_rss()
+    peak_reset = reset_peak_rss()  # the peak from here on: the run alone, not the imports
 
     def go():
         cfg = apply_args(IWMConfig(name="scaling"), args)
         info = start_process()
-        measured_run(cfg, info, rss_start).fit(Pretraining(cfg, info.device, info.rank))
+        measured_run(cfg, info, rss_start, peak_reset).fit(Pretraining(cfg, info.device, info.rank))
         if torch.distributed.is_initialized():  # every rank leaves together, the process group closed
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -1,6 +1,6 @@
 """pytest-benchmark microbenchmarks: each fused kernel against its unfused PyTorch composition.
 
-    .venv/bin/python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable [--benchmark-json out.json]
+    python -m pytest benchmarks/test_bench_kernels.py --benchmark-enable [--benchmark-json out.json]   # from the root
 
 Not collected by the default ``pytest`` run (pytest.ini: ``testpaths = tests``; ``--benchmark-disable``
 is in addopts, so without ``--benchmark-enable`` each case runs once, as a smoke test). Shapes: the
@@ -10,14 +10,11 @@ speed): only the reference paths and the EMA loop vs foreach run. For peak memor
 ``benchmarks/kernels_table.py``.
 """
 import functools
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernels_table as kt  # noqa: E402
+from benchmarks import kernels_table as kt
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = {

@@ -12,8 +12,9 @@ launcher uses, at the CUDA tiles of :data:`kernels.dispatch.TILE_POLICIES`: ``ao
 with :func:`mock` tensors standing in for the real ones (a dtype and a shape: all the compiler sees).
 
 This must run where ``TRITON_INTERPRET`` is off (with it on, ``@triton.jit`` builds interpreter
-functions): ``benchmarks/compile_table.py`` runs it as a script, and ``tests/kernels/test_compile.py``
-runs that in a subprocess. Nothing here needs CUDA, and nothing here imports ``engine/``.
+functions): ``benchmarks/compile_table.py`` runs it (``python -m benchmarks.compile_table``), and
+``tests/kernels/test_compile.py`` runs that in a subprocess. Nothing here needs CUDA, and nothing here imports
+``engine/``.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def use_target(arch: int, kernels: Sequence[object] = ()) -> None:
 
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
         raise RuntimeError("kernels.aot needs TRITON_INTERPRET off before triton is imported "
-                           "(run benchmarks/compile_table.py in a fresh process with TRITON_INTERPRET=0)")
+                           "(run python -m benchmarks.compile_table in a fresh process with TRITON_INTERPRET=0)")
     driver.set_active(TargetDriver(arch))
     for kernel in kernels:
         kernel.device_caches.clear()

@@ -15,7 +15,8 @@ which the engine calls with ``train.attention``):
 - ``auto``: xformers when the tensors are on CUDA and its kernels run, else sdpa.
 
 The xformers mask is testable on CPU: ``tests/kernels/attention_helpers.py`` materialises the mask this
-module builds (:func:`_block_diagonal_mask`) and compares it with a dense block-diagonal bias.
+module builds (:func:`_block_diagonal_mask`) and compares it with a dense block-diagonal bias
+(``benchmarks/common.py``'s ``block_diagonal_bias``).
 """
 from __future__ import annotations
 

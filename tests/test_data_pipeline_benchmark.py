@@ -3,7 +3,6 @@ are the plan's images per second per GPU over the measured rate per core, rounde
 import json
 import math
 import os
-import sys
 
 import pytest
 
@@ -15,8 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_loader_benchmark_rows_and_workers_per_gpu(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import data_pipeline
+    from benchmarks import data_pipeline
 
     out = tmp_path / "dp.json"
     data_pipeline.run(quick=True, out=str(out), part="loader", workers=(1,), images=32)

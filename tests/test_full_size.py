@@ -2,16 +2,13 @@
 plan's CPU-resident variant it compares against."""
 import glob
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks import full_size, recipe_step
+from engine.plan import GiB, PRECISIONS, REDUCE_BUCKET_SIZE, memory_plan, param_counts, token_stats
 
-import full_size  # noqa: E402
-import recipe_step  # noqa: E402
-from engine.plan import GiB, PRECISIONS, REDUCE_BUCKET_SIZE, memory_plan, param_counts, token_stats  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_pretraining_recipe_runs_at_224_px_with_its_real_networks():

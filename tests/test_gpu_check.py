@@ -8,12 +8,11 @@ import types
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchmarks import gpu_check
+from kernels import aot, dispatch
+from kernels.specs import Shapes
 
-import gpu_check  # noqa: E402
-from kernels import aot, dispatch  # noqa: E402
-from kernels.specs import Shapes  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = Shapes("tiny", batch=2, patches=9, enc_width=16, pred_width=16, action_dim=8, target_tokens=7,
               context_tokens=8, encoder_params=300, encoder_tensors=3)
@@ -58,11 +57,11 @@ def test_dry_mode_runs_every_path_it_can_and_lists_what_it_skipped(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the script turns the interpreter on itself when there is no CUDA
-    import recipe_step
+    from benchmarks import recipe_step
 
     # a process group of its own: a timeout stops the backend pairs' processes too
-    proc = recipe_step.run_group([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--dry", "--out",
-                                  str(out)], env, timeout=1200)
+    proc = recipe_step.run_group([sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out)], env,
+                                 timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["mode"] == "dry" and result["ok"]

@@ -8,12 +8,10 @@ import sys
 
 import pytest
 
+from benchmarks import scaling
 from engine.config import IWMConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import scaling  # noqa: E402
 
 
 def test_step_figures_discard_warmup_and_combine_steps_by_time():
@@ -133,7 +131,7 @@ def test_a_failed_point_is_retried_and_every_failure_kept(monkeypatch):
 def test_quick_sweep_end_to_end(tmp_path):
     out, work = tmp_path / "scaling.json", tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if k not in scaling.LAUNCH_VARS}
-    p = subprocess.run([sys.executable, "benchmarks/scaling.py", "--quick", "--out", str(out), "--work", str(work)],
+    p = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--quick", "--out", str(out), "--work", str(work)],
                        cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())

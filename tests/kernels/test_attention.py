@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
+from benchmarks.common import attention_with_bias, block_diagonal_bias
 from kernels import attention as A
 from kernels import dispatch
-from tests.kernels.attention_helpers import attention_with_bias, block_diagonal_bias, xformers_block_diagonal_bias
+from tests.kernels.attention_helpers import xformers_block_diagonal_bias
 
 
 def plain_attention(q, k, v, seqlens):

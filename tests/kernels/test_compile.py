@@ -18,7 +18,6 @@ import pytest
 from kernels import dispatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "compile_table.py"
 
 pytestmark = [
     pytest.mark.compile,
@@ -41,8 +40,8 @@ def jit_kernels():
 def run_compile_table(*args):
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.setdefault("TRITON_CACHE_DIR", str(ROOT / ".cache" / "triton-aot"))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "benchmarks.compile_table", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
