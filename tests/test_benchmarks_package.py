@@ -2,9 +2,9 @@
 imports the tests, or keeps its own copy of a shared helper."""
 import ast
 import glob
+import mmap
 import os
 
-import numpy as np
 import pytest
 
 from benchmarks import common
@@ -14,29 +14,33 @@ SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
 MiB = 2 ** 20
 
 
-def touched(mib: int) -> np.ndarray:
-    """``mib`` MiB written page by page (resident, not only reserved); large enough for glibc to mmap it, so
-    freeing it returns the pages at once."""
-    return np.full(mib * MiB, 1, dtype=np.uint8)
+def touched(mib: int) -> mmap.mmap:
+    """``mib`` MiB of fresh anonymous pages, one byte written per page (resident, not only reserved): an mmap of
+    its own, not malloc, whose freed memory may stay resident in a process that ran other tests (close() returns
+    these pages at once)."""
+    pages = mmap.mmap(-1, mib * MiB)
+    for offset in range(0, mib * MiB, mmap.PAGESIZE):
+        pages[offset] = 1
+    return pages
 
 
 def test_the_peak_sees_what_comes_after_the_reset_and_not_what_was_freed_before():
     big = touched(200)
-    del big  # the resident set falls back, the high-water mark stays up
+    big.close()  # the resident set falls back, the high-water mark stays up
     if not common.reset_peak_rss():
         pytest.skip("/proc/self/clear_refs is not writable here: the high-water mark cannot be reset")
     baseline = common.current_rss()
     assert common.peak_rss() - baseline < 20 * MiB  # restarted from the current size, the 200 MiB gone
     small = touched(50)
     above = common.peak_rss() - baseline
-    del small
+    small.close()
     assert 40 * MiB < above < 80 * MiB, above / MiB  # about 50 MiB, not 200
 
 
 def test_without_a_reset_the_mark_remembers_a_freed_peak():
     common.reset_peak_rss()
     big = touched(200)
-    del big
+    big.close()
     assert common.peak_rss() - common.current_rss() > 150 * MiB  # why the benchmarks reset after their imports
 
 

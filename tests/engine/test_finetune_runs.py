@@ -32,7 +32,7 @@ def sources(tmp_path_factory):
 # The protocol tests run on the embedded set at 200 images per class (2000 train, 500 val: 0.2 pp per image;
 # the binomial standard error of a top-1 between 10 and 50% is 1.3-2.2 pp).
 COMPARED = ["data.embedded_per_class=200"]
-PROTOCOL_STEPS = {"predictor": 300, "end_to_end": 600, "encoder": 300, "linear": 300, "attentive": 300}
+PROTOCOL_STEPS = {"predictor": 300, "encoder": 300, "linear": 300, "attentive": 300}
 
 
 def protocol_top1(source, out, protocol):
@@ -43,13 +43,15 @@ def protocol_top1(source, out, protocol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["predictor", "end_to_end"])
+@pytest.mark.parametrize("protocol", ["predictor"])
 def test_protocol_beats_a_random_encoder(sources, tmp_path, protocol):
     """The pretrained encoder + predictor against the same protocol from a randomly initialised encoder +
     predictor, by at least 5 pp. Measured with the fixture's pretraining at seeds 0 / 1 / 2 (the random network
-    drawn with the same seed; docs/results.md), top-1 %: predictor (300 steps) 21.4 / 20.0 /
-    21.4 against 10.0 / 10.0 / 10.0; end_to_end (600 steps) 52.0 / 28.0 / 14.8 against 25.8 / 19.2 / 14.4 (seed 2
-    would tie: end-to-end finetuning of these tiny networks often stays near the loss plateau)."""
+    drawn with the same seed; docs/results.md), top-1 %: predictor (300 steps) 21.4 / 20.0 / 21.4 against
+    10.0 / 10.0 / 10.0. Not end_to_end: at 600 steps 52.0 / 28.0 / 14.8 against 25.8 / 19.2 / 14.4, a tie at seed
+    2 (end-to-end finetuning of these tiny networks often stays near the loss plateau), and its two runs were the
+    suite's costliest test (712 s of a 61-minute `make test`); what end_to_end adds to the predictor protocol (the
+    encoder trained, with layer decay) is tested in tests/engine/test_finetune.py and its recipe's smoke run."""
     pretrained, random_init = sources
     top1 = {name: protocol_top1(src, tmp_path / name, protocol)
             for name, src in (("pretrained", pretrained), ("random", random_init))}

@@ -55,7 +55,7 @@ def run_to_end(out, ranks, port):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks,trials", [(1, 3), (2, 2)])
+@pytest.mark.parametrize("ranks,trials", [(1, 2), (2, 1)])  # more moments: tests/stress_preempt.py
 def test_kill_and_rerun_is_bit_exact(tmp_path, ranks, trials):
     rng = random.Random(1234 + ranks)
     port = 29700 + ranks * 10 + os.getpid() % 50

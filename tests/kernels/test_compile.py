@@ -44,6 +44,7 @@ def run_compile_table(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 90 s of ptxas: make test, not the before-every-commit tier
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     out = tmp_path / "resources.json"
     proc = run_compile_table("--check", "--jobs", "2", "--out", str(out))
