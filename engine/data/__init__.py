@@ -562,17 +562,29 @@ _WORKER_BATCHES: "weakref.WeakSet" = weakref.WeakSet()  # the live iterators tha
 
 def _end_workers() -> None:
     """At the rank's exit (registered after multiprocessing's own exit function, so it runs first): every
-    live batch iterator's workers get the shutdown sentinel, and one still alive after it is killed, since it
-    ignores the SIGTERM that multiprocessing would send before joining it."""
+    live batch iterator's workers get the shutdown sentinel; then every loader worker still alive, also one
+    whose iterator was collected (torch's shutdown then SIGTERMs a worker that was slow to leave, which it
+    ignores), is killed, since multiprocessing would SIGTERM it and then wait for it for ever."""
+    import multiprocessing
+
     for batches in list(_WORKER_BATCHES):
-        workers = list(batches._workers)
         try:
             batches._shutdown_workers()
-        finally:
-            for w in workers:
-                if w.is_alive():
-                    w.kill()
-                    w.join(timeout=5)
+        except Exception:  # at exit: the kill below ends its workers
+            pass
+    for w in multiprocessing.active_children():
+        if w.daemon and _is_loader_worker(w.pid):
+            w.kill()
+            w.join(timeout=5)
+
+
+def _is_loader_worker(pid: int) -> bool:
+    """A torch DataLoader worker (torch names its processes ``pt_data_worker``; Linux)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "pt_data_worker"
+    except OSError:
+        return False
 
 
 class _Loader(DataLoader):

@@ -78,14 +78,18 @@ def test_loader_workers_outlive_the_stop_signals_their_tree_gets():
     assert worker.exitcode == 0
 
 
-def test_a_rank_with_live_loader_workers_exits():
+@pytest.mark.parametrize("forget", [False, True], ids=["its-iterator-alive", "its-iterator-unknown"])
+def test_a_rank_with_live_loader_workers_exits(forget):
     """The workers ignore SIGTERM, and multiprocessing's exit SIGTERMs its daemon children and then joins them:
-    without the loader's own exit hook the rank would wait for ever at its exit."""
-    script = ("import torch\nfrom torch.utils.data import TensorDataset\nfrom engine.data import build_loader\n"
+    without the loader's own exit hook the rank would wait for ever at its exit; also for a worker whose
+    iterator the hook does not hold (collected while its worker was still busy)."""
+    script = ("import torch\nfrom torch.utils.data import TensorDataset\nimport engine.data\n"
               "data = TensorDataset(torch.arange(64.0).reshape(64, 1), torch.zeros(64))\n"
-              "batches = iter(build_loader(data, 4, num_workers=1, shuffle=False, drop_last=True, seed=0))\n"
-              "next(batches)\nprint('mid-epoch', flush=True)\n")
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+              "batches = iter(engine.data.build_loader(data, 4, num_workers=1, shuffle=False, drop_last=True, "
+              "seed=0))\nnext(batches)\n" + ("engine.data._WORKER_BATCHES.clear()\n" if forget else "") +
+              "print('mid-epoch', flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
     assert p.returncode == 0 and "mid-epoch" in p.stdout, p.stderr[-2000:]
 
 
