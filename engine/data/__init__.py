@@ -546,9 +546,9 @@ def ignore_stop_signals() -> None:
     which would fail the rank's next batch in the middle of the agreed stop. So a worker ignores them all.
     It still ends: the loader's shutdown sends it a sentinel it exits on (exit code 0), torch's worker
     loop exits by itself when its rank is gone, and at the rank's exit :func:`_end_workers` ends what is
-    left (multiprocessing's own exit would SIGTERM it and then wait for ever). (Telling the rank's own SIGTERM from the others' by a
-    ``sigwaitinfo`` thread does not hold: a thread the worker started before this runs cannot be made to
-    block the signal, and one that does not block it takes it.)"""
+    left (multiprocessing's own exit would SIGTERM it and then wait for ever). (Telling the rank's own
+    SIGTERM from the others' by a ``sigwaitinfo`` thread does not hold: a thread the worker started before
+    this runs cannot be made to block the signal, and one that does not block it takes it.)"""
     import signal
 
     from engine.preempt import STOP_SIGNALS
