@@ -18,15 +18,20 @@ $(STAMP): requirements.txt constraints.txt setup.py
 demo: $(STAMP)
 	$(BIN)/python recipes/pretrain_tiny.py
 
+# pytest-xdist: JOBS worker processes (one per core), one thread each; --dist loadfile keeps each test file on one
+# worker, so a module's fixtures (the reference runs several tests compare against) run once
+JOBS    ?= 2
+PYTEST  := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+
 # the fast tier, before every commit: everything not marked slow (no DeepSpeed launches, no training runs)
 check: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(PYTEST) -m "not slow" --durations=10
 
 test-fast: check
 
 # the whole suite (what .ci/run runs), slowest tests listed at the end
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=20
+	$(PYTEST) --durations=20
 
 # the first thing to run on a GPU machine (minutes on one H100 / H200): the machine, every Triton kernel against
 # its reference in fp32 / bf16 at the ViT-B/16 and ViT-H/14 shapes, 30 timed pretraining steps per backend pair;

@@ -86,6 +86,24 @@ def run_eval(*args):
                           timeout=300, env=subprocess_env())
 
 
+def eval_in_process(*args):
+    """``engine.eval``'s command line called in this process (no interpreter start, no imports): the exit code
+    and what it printed, as :func:`run_eval` returns them (for the bad-input cases; one real command per test
+    file is enough to check the entry point)."""
+    import contextlib
+    import io
+
+    from engine.cli import eval_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = eval_main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return subprocess.CompletedProcess(["engine.eval", *args], code, out.getvalue(), err.getvalue())
+
+
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.csv")) as f:
         return [r for r in csv.DictReader(f)]

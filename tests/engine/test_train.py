@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import read_metrics, run_eval, tiny_config, write_folder
+from tests.helpers import eval_in_process, read_metrics, run_eval, tiny_config, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_eval_cli_on_the_checkpoint(trained_run, tmp_path):
     assert list(res["per_op"]) == list(JITTER_OPS) + ["all"]
     assert all(abs(r["chance"] - chance_mrr(PER_OP_CANDIDATES)) < 1e-9 for r in res["per_op"].values())
     assert f"2 images x {PER_OP_CANDIDATES} candidates" in p.stdout
-    p = run_eval("linear", "--ckpt", str(out / "checkpoint.pt"), "--epochs", "20", "--out", str(tmp_path / "l.json"))
+    p = eval_in_process("linear", "--ckpt", str(out / "checkpoint.pt"), "--epochs", "20", "--out", str(tmp_path / "l.json"))
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path / "l.json").read_text())
     assert res["classes"] == 10 and 0 <= res["val_top1"] <= 100
@@ -104,7 +104,7 @@ def test_eval_cli_on_folders_and_bad_input(trained_run, tmp_path):
                  "--out", str(tmp_path / "m.json"))
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
-    p = run_eval("linear", "--ckpt", str(out), "--data", str(train_dir), "--val", str(val_dir), "--epochs", "5",
+    p = eval_in_process("linear", "--ckpt", str(out), "--data", str(train_dir), "--val", str(val_dir), "--epochs", "5",
                  "--out", str(tmp_path / "l.json"))
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "l.json").read_text())["classes"] == 2
@@ -117,7 +117,7 @@ def test_eval_cli_on_folders_and_bad_input(trained_run, tmp_path):
                          (["mrr", "--ckpt", str(out), "--data", str(tmp_path / "empty")], "no images"),
                          (["mrr", "--ckpt", str(tmp_path / "nope.pt")], "does not exist"),
                          (["mrr", "--ckpt", str(tmp_path / "bogus.pt")], "cannot read checkpoint")]:
-        p = run_eval(*args)
+        p = eval_in_process(*args)
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         assert needle in p.stderr.lower() and "Traceback" not in p.stderr, p.stderr
 
