@@ -80,6 +80,47 @@ def deepspeed_launcher():
     return os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
+def run_ranks(args, ranks: int = 2, timeout: float = 500, env=None) -> subprocess.CompletedProcess:
+    """``python ARGS`` as ``ranks`` processes on this host, each given the variables a launcher sets (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port): what ``deepspeed --num_gpus N`` starts,
+    without its two interpreters above the ranks (the tests of the launcher itself start it). Returns the
+    worst exit code and every rank's output, rank by rank; a rank that fails ends the others 30 s later, and
+    all are killed at ``timeout``."""
+    import tempfile
+    import time
+
+    from engine.distributed import free_port, remove_shm_buffers
+
+    port, procs, logs = free_port(), [], []
+    base = subprocess_env() if env is None else env
+    for r in range(ranks):
+        logs.append(tempfile.TemporaryFile(mode="w+"))
+        rank_env = dict(base, RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=rank_env, stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    deadline, failed_at = time.time() + timeout, None
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = time.time()
+        if failed_at is not None and time.time() > failed_at + 30:
+            break
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+    remove_shm_buffers(port)  # a killed rank cannot remove its own
+    text = ""
+    for r, f in enumerate(logs):
+        f.seek(0)
+        text += f"---- rank {r} ----\n{f.read()}"
+        f.close()
+    codes = [p.returncode for p in procs]
+    worst = next((c for c in codes if c != 0), 0)
+    return subprocess.CompletedProcess(args, worst, text, "")
+
+
 def run_eval(*args):
     """``python -m engine.eval ARGS`` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "engine.eval", *args], cwd=ROOT, capture_output=True, text=True,

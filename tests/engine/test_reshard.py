@@ -1,6 +1,6 @@
 """Resume on another number of ranks, 2 -> 1 and 1 -> 2, at ZeRO-1 and ZeRO-3 (DeepSpeed universal checkpoints).
 
-For each stage: an uninterrupted run on 1 rank (in this process) and on 2 ranks (the ``deepspeed`` launcher), 6
+For each stage: an uninterrupted run on 1 rank (in this process) and on 2 ranks (both stages' in one launch), 6
 steps, checkpoints at 3 and 6, the same global batch (1 rank accumulates 2 micro-batches). Each is copied, its
 step-6 checkpoint removed, and the copy resumed on the other count to step 6. A resumed run saves its state in
 the new layout at once; that step-3 checkpoint must hold exactly what the old count saved (every parameter's fp32
@@ -12,16 +12,13 @@ and masks per rank) and the new ranks' random streams restart at the resume; mea
 import csv
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from engine.checkpoint import convert_to_universal
 from engine.config import load_recipe
-from tests.helpers import ROOT, TINY, subprocess_env
+from tests.helpers import ROOT, TINY, run_ranks
 
 STEPS, SAVED = 6, 3
 LOSS_RTOL = 0.03
@@ -29,26 +26,26 @@ EXTRA = ["optim.global_batch=32", "train.ckpt_every=3", "train.log_every=1", "tr
          "data.num_workers=0"]
 
 
-def run(out, ranks, stage, steps=STEPS, port=0):
-    extra = EXTRA + [f"train.zero_stage={stage}"]
-    if ranks == 1:  # in this process: the recipe the launches run, with the same overrides
-        from engine.pretrain import pretrain
+def sets(stage):
+    return TINY + EXTRA + [f"train.zero_stage={stage}"]
 
-        cfg = load_recipe(os.path.join(ROOT, "recipes", "pretrain_tiny.py"), TINY + extra)
-        cfg.train.out_dir, cfg.optim.max_steps = str(out), steps
-        pretrain(cfg.validate())
-        return
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(29900 + 10 * stage + port + os.getpid() % 89), "tests/engine/pretrain_ranks.py", str(out), str(steps),
-           *TINY, *extra]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=500)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the ranks too, not only the launcher
-        raise
-    assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+def run_one_rank(out, stage, steps=STEPS):
+    """In this process: the recipe the two-rank launches run, with the same overrides."""
+    from engine.pretrain import pretrain
+
+    cfg = load_recipe(os.path.join(ROOT, "recipes", "pretrain_tiny.py"), sets(stage))
+    cfg.train.out_dir, cfg.optim.max_steps = str(out), steps
+    pretrain(cfg.validate())
+
+
+def run_two_ranks(*runs):
+    """One pair of ranks (tests.helpers.run_ranks) running each (out, stage) in turn, STEPS steps."""
+    args = ["tests/engine/pretrain_ranks.py"]
+    for i, (out, stage) in enumerate(runs):
+        args += (["--then"] if i else []) + [str(out), str(STEPS), *sets(stage)]
+    p = run_ranks(args)
+    assert p.returncode == 0, p.stdout[-6000:]
 
 
 def losses(out):
@@ -91,20 +88,33 @@ def saved_target(folder, shapes):
     return out
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["zero1", "zero3"])
-def resumed(request, tmp_path_factory):
-    stage, root = request.param, tmp_path_factory.mktemp(f"reshard{request.param}")
-    runs = {}
-    for ranks in (1, 2):
-        runs[ranks] = root / f"ranks{ranks}"
-        run(runs[ranks], ranks, stage)
-    for old, new in ((2, 1), (1, 2)):
-        out = root / f"from{old}to{new}"
-        shutil.copytree(runs[old], out)
-        shutil.rmtree(tag(out, STEPS))  # as if stopped after the step-3 checkpoint
-        run(out, new, stage, port=5)
-        runs[old, new] = out
-    return stage, runs, root
+STAGES = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory):
+    """{stage: {1 | 2: the uninterrupted run on that count, (old, new): its copy resumed on the other}}: the
+    1-rank runs here, the 2-rank ones of both stages in one launch, then the resumes (2 -> 1 here, 1 -> 2 in a
+    second launch)."""
+    root = tmp_path_factory.mktemp("reshard")
+    runs = {stage: {n: root / f"zero{stage}_ranks{n}" for n in (1, 2)} for stage in STAGES}
+    for stage in STAGES:
+        run_one_rank(runs[stage][1], stage)
+    run_two_ranks(*[(runs[stage][2], stage) for stage in STAGES])
+    for stage in STAGES:
+        for old, new in ((2, 1), (1, 2)):
+            out = runs[stage][old, new] = root / f"zero{stage}_from{old}to{new}"
+            shutil.copytree(runs[stage][old], out)
+            shutil.rmtree(tag(out, STEPS))  # as if stopped after the step-3 checkpoint
+        run_one_rank(runs[stage][2, 1], stage)
+    run_two_ranks(*[(runs[stage][1, 2], stage) for stage in STAGES])
+    return runs, root
+
+
+@pytest.fixture(params=STAGES, ids=["zero1", "zero3"])
+def resumed(request, all_runs):
+    runs, root = all_runs
+    return request.param, runs[request.param], root
 
 
 @pytest.mark.slow

@@ -4,17 +4,15 @@ the optimizer step produced, the loss is the one at the target positions; and, o
 DeepSpeed launcher, gradient accumulation to ``optim.global_batch``."""
 import json
 import math
-import subprocess
 
 import pytest
 import torch
 
 import engine.pretrain as P
-from engine.distributed import free_port
 from engine.ema import TargetEncoder
 from engine.models import IWM, Encoder, Predictor
 from engine.run import Run, param_groups
-from tests.helpers import ROOT, deepspeed_launcher, shm_buffers, subprocess_env, tiny_config
+from tests.helpers import run_ranks, tiny_config
 
 STEPS, WARMUP = 6, 2  # 160 images / batch 16 = 10 steps per epoch; warmup_epochs 0.2 -> 2 steps
 WATCHED = 2  # the first steps whose weights, features, predictions and losses the spies keep
@@ -216,15 +214,11 @@ RANKS, MICRO, GLOBAL, ACC_STEPS = 2, 8, 32, 2
 
 @pytest.mark.slow
 def test_accumulation_on_two_ranks_reaches_the_global_batch(tmp_path):
-    """optim.global_batch on two ranks under the DeepSpeed launcher: DeepSpeed's accumulation and batch, and the
+    """optim.global_batch on two ranks: DeepSpeed's accumulation and batch, and the
     forward passes each optimizer step runs on each rank, against global_batch / (ranks x batch)."""
-    port = free_port()  # not a fixed range: other launches on this host must not share its rendezvous
-    cmd = [deepspeed_launcher(), "--num_gpus", str(RANKS), "--master_port", str(port),
-           "tests/engine/wiring_ranks.py", str(tmp_path / "run"), str(ACC_STEPS),
-           f"data.batch_size={MICRO}", f"optim.global_batch={GLOBAL}", "train.eval_every=0", "train.log_every=1"]
-    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert shm_buffers(port) == []
+    p = run_ranks(["tests/engine/wiring_ranks.py", tmp_path / "run", ACC_STEPS, f"data.batch_size={MICRO}",
+                   f"optim.global_batch={GLOBAL}", "train.eval_every=0", "train.log_every=1"], ranks=RANKS, timeout=300)
+    assert p.returncode == 0, p.stdout[-6000:]
     accum = GLOBAL // (RANKS * MICRO)
     for rank in range(RANKS):
         seen = json.loads((tmp_path / "run" / f"spy_rank{rank}.json").read_text())

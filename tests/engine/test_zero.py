@@ -1,5 +1,5 @@
-"""ZeRO stages 0-3 on two CPU ranks under the real ``deepspeed`` launcher (gloo): the same losses and
-weights at every stage, the same EMA target encoder, exact save / reload / continue under ZeRO-3, and a
+"""ZeRO stages 0-3 on two CPU ranks (gloo; one pair of processes runs the four stages in turn): the same
+losses and weights at every stage, the same EMA target encoder, exact save / reload / continue under ZeRO-3, and a
 consolidated checkpoint that ``engine.eval`` reads.
 
 The reference is stage 0 on the same two ranks: plain data parallelism sees exactly the batches, views and
@@ -8,28 +8,27 @@ masks of each rank, so any difference comes from how a stage partitions the stat
 import csv
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
 
-import shutil
-
-from tests.helpers import ROOT, TINY, subprocess_env
+from tests.helpers import TINY, eval_in_process, run_ranks
 
 STEPS = 6
 
 
-def launch(out, stage, steps=STEPS, port_offset=0):
-    env = subprocess_env()
-    sets = [a for t in TINY + [f"train.zero_stage={stage}", "train.ckpt_every=3", "train.log_every=1",
-                                "data.num_workers=0"] for a in ("--set", t)]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(29800 + 10 * stage + port_offset + os.getpid() % 97), "recipes/pretrain_tiny.py", "--out", str(out),
-           "--steps", str(steps), *sets]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+def sets(stage):
+    return TINY + [f"train.zero_stage={stage}", "train.ckpt_every=3", "train.log_every=1", "data.num_workers=0"]
+
+
+def launch(*runs):
+    """One pair of ranks (tests.helpers.run_ranks) running each (out, stage, steps) in turn."""
+    args = ["tests/engine/pretrain_ranks.py"]
+    for i, (out, stage, steps) in enumerate(runs):
+        args += (["--then"] if i else []) + [str(out), str(steps), *sets(stage)]
+    p = run_ranks(args)
+    assert p.returncode == 0, p.stdout[-6000:]
     return p
 
 
@@ -45,10 +44,8 @@ def weights(out):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero")
-    out = {}
-    for stage in (0, 1, 2, 3):
-        out[stage] = root / f"stage{stage}"
-        launch(out[stage], stage)
+    out = {stage: root / f"stage{stage}" for stage in (0, 1, 2, 3)}
+    launch(*[(out[stage], stage, STEPS) for stage in out])  # every stage in the same two processes, in turn
     return out
 
 
@@ -81,7 +78,7 @@ def test_zero3_save_reload_continue_gives_the_same_losses(runs, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(runs[3], out)
     shutil.rmtree(out / "ds" / f"step_{STEPS:08d}")  # as if killed after the step-3 checkpoint
-    launch(out, 3, steps=STEPS, port_offset=2)  # the same command resumes from step 3
+    launch((out, 3, STEPS))  # the same command resumes from step 3
     # ZeRO-3 re-partitions the reloaded fp32 state into fresh flat buffers: the next steps agree to fp32
     # rounding (stages 0-2 resume bit for bit: tests/engine/test_resume_exact.py)
     got, ref = losses(out), losses(runs[3])
@@ -96,9 +93,8 @@ def test_zero3_save_reload_continue_gives_the_same_losses(runs, tmp_path):
 
 @pytest.mark.slow
 def test_eval_reads_the_zero3_checkpoint(runs, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "engine.eval", "mrr", "--ckpt", str(runs[3]), "--images", "2",
-                        "--candidates", "8", "--out", str(tmp_path / "m.json")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    p = eval_in_process("mrr", "--ckpt", str(runs[3]), "--images", "2", "--candidates", "8", "--out",
+                        str(tmp_path / "m.json"))
     assert p.returncode == 0, p.stderr
     assert 0 < json.loads((tmp_path / "m.json").read_text())["mrr"] <= 1
     from safetensors import safe_open

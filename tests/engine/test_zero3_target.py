@@ -1,25 +1,19 @@
-"""ZeRO-3 partitions the EMA target encoder like the online encoder (engine/ema.py): on two CPU ranks under the
-``deepspeed`` launcher, every update and forward of the partitioned target equals a whole fp32 copy updated by a
-plain loop, bit for bit; each rank holds half of it; and engine.plan's figures are what the engine holds.
+"""ZeRO-3 partitions the EMA target encoder like the online encoder (engine/ema.py): on two CPU ranks (gloo),
+every update and forward of the partitioned target equals a whole fp32 copy updated by a plain loop, bit for bit; each rank holds half of it; and engine.plan's figures are what the engine holds.
 
 One launch (tests/engine/zero3_target_check.py) runs ZeRO-3 and ZeRO-1 in the same two processes."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import run_ranks
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3_target") / "result.json"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(29650 + os.getpid() % 97), "tests/engine/zero3_target_check.py", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=500)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run_ranks(["tests/engine/zero3_target_check.py", out])
+    assert p.returncode == 0, p.stdout[-6000:]
     return json.loads(out.read_text())
 
 
