@@ -1,6 +1,7 @@
 """benchmarks/full_size.py's pure parts (the real-size steps take minutes and GiBs: run the script itself) and the
 plan's CPU-resident variant it compares against."""
 import glob
+import json
 import os
 
 import pytest
@@ -35,3 +36,30 @@ def test_resident_plan_counts_only_the_written_part_of_the_reduce_bucket(stage):
     assert cpu.buffers == min(REDUCE_BUCKET_SIZE, P) * 4 < gpu.buffers
     assert gpu.total - cpu.total == pytest.approx(gpu.buffers - cpu.buffers)
     assert cpu.buffers / GiB == pytest.approx(P * 4 / GiB)  # ViT-B + 12 x 384: P < 5e8
+
+
+def measured_steps(row: dict) -> list:
+    """The launch's measured peak per step (GiB, the larger rank); a one-step result's single peak is its first."""
+    ranks = row["ranks_measured"]
+    if "peaks" in ranks[0]:
+        return [max(r["peaks"][i] - r["baseline"] for r in ranks) / GiB for i in range(len(ranks[0]["peaks"]))]
+    return [max(r["peak"] - r["baseline"] for r in ranks) / GiB]
+
+
+def stored_rows() -> list:
+    """Each launch's measurement in benchmarks/results/full_size*.json; a launch in several files: the last by name
+    (full_size_vitb_zero3.json remeasured the ViT-B/16 launches of full_size_vitb_equi_vith.json)."""
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "full_size*.json"))):
+        with open(path) as f:
+            rows.update({r["name"]: r for r in json.load(f)["rows"] if r.get("ok")})
+    return list(rows.values())
+
+
+@pytest.mark.parametrize("row", stored_rows(), ids=lambda r: r["name"])
+def test_plan_is_within_15_percent_of_each_measured_step(row):
+    """engine.plan now against the stored full-size measurements: the first step against first_step_total, the
+    second (steady state) against total."""
+    plan = full_size.plan_bytes(row["name"])
+    for measured, planned in zip(measured_steps(row), plan["steps"]):
+        assert abs(planned / GiB / measured - 1) <= full_size.TOLERANCE, (row["name"], planned / GiB, measured)

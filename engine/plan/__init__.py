@@ -55,13 +55,18 @@ GPUS_PER_NODE = 8
 COMM_EFFICIENCY = 0.7  # achieved NCCL bus bandwidth / link bandwidth (assumption, docs/plan.md)
 DEFAULT_MFU = 0.4  # assumed model FLOPs utilisation of the compute part (assumption, docs/plan.md)
 CUDA_OVERHEAD_GIB = 2.0  # CUDA context + cuBLAS/NCCL workspaces + allocator fragmentation (assumption)
+# a CPU rank's resident memory beyond its tensors once its engine is built: the gloo process group, DeepSpeed's
+# CPU communication, the allocator's heap and library pages first touched after the imports (measured:
+# 0.31 GiB for ViT-B/16 at ZeRO-3 on 2 ranks, 0.26 GiB for ViT-H/14 at ZeRO-0; docs/plan.md "Full size on the CPU")
+CPU_OVERHEAD_GIB = 0.3
 
 # DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py), in elements
 REDUCE_BUCKET_SIZE = int(5e8)
 ALLGATHER_BUCKET_SIZE = int(5e8)  # stages 1-2 all-gather the updated partitions in place: no extra buffer
 STAGE3_PREFETCH_BUCKET_SIZE = int(5e7)
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = int(1e5)  # smaller parameters stay replicated under stage 3
+STAGE3_PARAM_PERSISTENCE_THRESHOLD = int(1e5)  # parameters of at most this many elements stay replicated
 STAGE3_MAX_LIVE_PARAMETERS = int(1e9)
+STAGE3_MAX_REUSE_DISTANCE = int(1e9)
 MASK_SAMPLES = 256  # masks drawn to estimate the mean context / target tokens per sample
 
 
@@ -295,23 +300,81 @@ class MemoryPlan:
     buffers: float
     overhead: float
     total: float
-    peak_phase: str  # target_forward | backward | optimizer_step
+    peak_phase: str  # target_forward | backward | grad_reduce | optimizer_step
     # full sizes, for reference
     activations_full: float
     grads_full: float  # module gradients of one backward pass
-    grads_step: float  # gradients held through the optimizer step (module and/or fp32 partitions)
+    grads_step: float  # gradients held through the optimizer step (module and/or partitions)
+    # the first optimizer step: no AdamW moments before its update, ZeRO-3 recording its trace (no prefetch)
+    first_step_total: float = 0.0
+    first_step_phase: str = ""
 
     def gib(self) -> Dict[str, float]:
         return {k: v / GiB for k, v in asdict(self).items() if isinstance(v, float)}
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """ZeRO-3: elements a rank holds whole beyond its partitions (DeepSpeed's PartitionedParameterCoordinator)."""
+    live: float  # trained parameters whole when the forward ends and the backward starts
+    buffer: float  # one fetch's flat all-gather buffer, alive beside the per-parameter copies until all are used
+    target: float  # target-encoder parameters whole at once during its forward
+    target_buffer: float  # the same flat buffer, in the target's forward
+
+
+def reuse_kept_elements(tensors: Sequence[int], max_reuse: int = STAGE3_MAX_REUSE_DISTANCE,
+                        threshold: int = STAGE3_PARAM_PERSISTENCE_THRESHOLD) -> int:
+    """Elements of the partitioned parameters (`tensors`, element counts in forward order) still whole when the
+    forward ends. DeepSpeed releases a module's parameters after its forward only if their next use lies more
+    than ``stage3_max_reuse_distance`` traced elements ahead (``__params_to_release``); from a parameter's forward
+    use to its backward use the trace runs through every parameter after it twice (the rest of the forward, then
+    their backward), so it stays whole when twice the elements after it are under the distance."""
+    kept, after = 0, sum(tensors)
+    for n in tensors:
+        after -= n
+        if n > threshold and 2 * after < max_reuse:
+            kept += n
+    return kept
+
+
+def stage3_gathered(cfg: IWMConfig, N: int, first_step: bool = False) -> Gathered:
+    """What ZeRO-3 gathers (DeepSpeed's defaults). From the second step on (a recorded trace) every module's
+    hook prefetches ``stage3_prefetch_bucket_size`` more elements ahead (up to ``stage3_max_live_parameters``
+    whole), so the whole network is gathered within its first few modules; what the reuse distance keeps stays
+    whole into the backward, plus one prefetch of what it released. Each fetch gathers into one flat buffer and
+    copies every parameter out of it (``AllGatherCoalescedHandle.wait``); the buffer lives until its last
+    parameter is used. The first step records the trace: each module's parameters are fetched at its hook and
+    released after it, nothing prefetched. One rank gathers nothing (the partition is the parameter)."""
+    if N == 1:
+        return Gathered(0.0, 0.0, 0.0, 0.0)
+    tensors = param_tensors(cfg)
+    trained = tensors["encoder"] + tensors["predictor"]
+    partitioned = [n for n in trained if n > STAGE3_PARAM_PERSISTENCE_THRESHOLD]
+    target = tensors["encoder"]  # the target is partitioned whole: no persistence threshold (engine/ema.py)
+    largest = max(partitioned, default=0)
+    if first_step:
+        return Gathered(largest, largest, max(target), max(target))
+    fetch = STAGE3_PREFETCH_BUCKET_SIZE + largest
+    kept = reuse_kept_elements(trained)
+    prefetched = min(fetch, sum(partitioned) - kept, max(0, STAGE3_MAX_LIVE_PARAMETERS - kept))
+    return Gathered(kept + prefetched, min(fetch, sum(partitioned)), min(sum(target), STAGE3_MAX_LIVE_PARAMETERS),
+                    min(STAGE3_PREFETCH_BUCKET_SIZE + max(target), sum(target)))
+
+
 def target_gather_bytes(cfg: IWMConfig, stage: int, N: int) -> float:
-    """ZeRO-3: the target encoder's parameters whole at once in its forward (fp32), beside the shards.
-    engine/ema.py partitions every target parameter (no persistence threshold) and ZeRO-3 gathers them
-    module by module into full-size buffers; measured on 2 CPU ranks (tests/engine/test_zero3_target.py)
-    none is released before the forward ends (ZeRO-3 keeps a parameter whose next use is within
-    max_reuse_distance, 1e9 elements), and none is left whole after it: the whole target, for its forward."""
-    return 4.0 * param_counts(cfg)["target_encoder"] if stage == 3 else 0.0
+    """ZeRO-3: the target encoder's parameters whole at once in its forward (fp32), beside the shards: engine/ema.py
+    partitions every target parameter and the prefetch gathers all of them ahead of use (:func:`stage3_gathered`;
+    measured on 2 CPU ranks by tests/engine/test_zero3_target.py, which also finds none whole after it)."""
+    return 4.0 * stage3_gathered(cfg, N).target if stage == 3 else 0.0
+
+
+def stage3_reduce_bytes(P: float, g: float, resident: bool) -> float:
+    """ZeRO-3's gradient reduction of its bucket (at most ``reduce_bucket_size`` elements; at the end of the
+    backward when the model fits one): ``reduce_scatter_coalesced`` interleaves the bucket's gradients into one
+    new tensor (``torch.cat``) for the reduce-scatter, and gloo's ``reduce_scatter_tensor`` clones its input
+    besides (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``; ``resident``: the CPU's backend). NCCL
+    reduces in place."""
+    return g * min(P, REDUCE_BUCKET_SIZE) * (2 if resident else 1)
 
 
 def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: float, PT: float,
@@ -322,22 +385,17 @@ def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: flo
     p, g = prec.param_bytes, prec.grad_bytes
     if stage < 3:
         params = P * p
-    else:
-        small = sum(n for part in param_tensors(cfg).values() for n in part
-                    if n < STAGE3_PARAM_PERSISTENCE_THRESHOLD)
-        largest_block = max(block_params(cfg.model.encoder_dims()[0], cfg.model.mlp_ratio),
-                            block_params(cfg.model.predictor_width, cfg.model.mlp_ratio))
-        # own partition + replicated small params + the gathered working set (prefetch bucket + the
-        # block being computed), capped by max_live_parameters and by the model itself
-        live = min(STAGE3_PREFETCH_BUCKET_SIZE + largest_block, STAGE3_MAX_LIVE_PARAMETERS, P)
-        params = P * p / N + small * p + live * p
+    else:  # own partition + the parameters below the persistence threshold, replicated whole
+        small = sum(n for part in param_tensors(cfg).values() for n in part if n <= STAGE3_PARAM_PERSISTENCE_THRESHOLD)
+        params = P * p / N + small * p
     optimizer = 8 * P / (N if stage >= 1 else 1)  # AdamW exp_avg + exp_avg_sq, fp32
     if stage == 0:
         master = 4 * P if prec.master_at_stage0 else 0.0
-    elif stage in (1, 2):
-        master = 4 * P / N  # DeepSpeed clones its fp32 partition even when the module is fp32
     else:
-        master = 0.0 if p == 4 else 4 * P / N  # stage 3 reuses an fp32 partition as the master
+        # stages 1-2 clone their fp32 partition (single_partition_of_fp32_groups) even for an fp32 module;
+        # stage 3 would reuse an fp32 partition, but its test (`tensor.device == "cpu"`, a device against the
+        # accelerator's device name, a str) never holds: it clones too (measured, docs/plan.md)
+        master = 4 * P / N
     ema = 4 * PT / (N if stage == 3 else 1)
     if stage == 0:
         buffers = min(REDUCE_BUCKET_SIZE, P) * g if N > 1 else 0.0
@@ -353,7 +411,8 @@ def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: flo
 def backward_peak(layers, stage: int, P: int, g: float, N: int) -> Tuple[float, float]:
     """(activations, gradients) held at the backward's peak. Stages 0-1: full module gradients accumulate
     while activations are freed in reverse layer order (the worst point of that trade); stage 2: the
-    contiguous gradient partition + the IPG bucket; stage 3: fp32 gradient partitions."""
+    contiguous gradient partition (its IPG bucket is in the buffers); stage 3 holds its gradient partitions
+    from the start (:func:`step_memory`)."""
     if stage <= 1:
         best, best_acts, best_grads = -1.0, 0.0, 0.0
         for k in range(len(layers), -1, -1):  # layers[k:] are done: their activations freed, grads made
@@ -363,7 +422,7 @@ def backward_peak(layers, stage: int, P: int, g: float, N: int) -> Tuple[float, 
                 best, best_acts, best_grads = acts + grads, acts, grads
         return best_acts, best_grads
     acts_full = sum(L.saved for L in layers)
-    return (acts_full, P * g / N) if stage == 2 else (acts_full, 4 * P / N)
+    return (acts_full, P * g / N) if stage == 2 else (acts_full, 0.0)
 
 
 def step_grad_bytes(stage: int, P: int, g: float, N: int) -> float:
@@ -372,71 +431,72 @@ def step_grad_bytes(stage: int, P: int, g: float, N: int) -> float:
         return P * g
     if stage == 1:
         return P * g + 4 * P / N  # module gradients + the reduced fp32 partition
-    if stage == 2:
-        return P * g / N + 4 * P / N
-    return 4 * P / N
+    # stage 2: the gradient partition + its fp32 copy; stage 3: the partitions (grad_partitions_flat_buffer) +
+    # the fp32 copy the step hands AdamW (`_prepare_fp32_grad_for_sub_group` flattens them)
+    return P * g / N + 4 * P / N
+
+
+def step_memory(cfg: IWMConfig, stage: int, N: int, prec: Precision, checkpointing: bool, tok: TokenStats,
+                attention: str, overhead: float, B: int, resident: bool, first_step: bool) -> MemoryPlan:
+    """One optimizer step's peak: the persistent state plus the largest phase (each phase's additions by column).
+    ``first_step``: torch's AdamW allocates its moments in its first ``step()``, and ZeRO-3 records its trace."""
+    counts = param_counts(cfg)
+    P, PT = counts["trainable"], counts["target_encoder"]
+    p, g = prec.param_bytes, prec.grad_bytes
+    params, moments, master, ema, buffers = persistent_bytes(cfg, stage, N, prec, P, PT, resident)
+    optimizer = 0.0 if first_step else moments
+    held = P * g / N if stage == 3 else 0.0  # ZeRO-3 allocates its gradient partitions at init
+    whole = stage3_gathered(cfg, N, first_step) if stage == 3 else Gathered(0.0, 0.0, 0.0, 0.0)
+    n = (cfg.data.img_size // cfg.model.patch_size) ** 2
+    target_out = B * n * cfg.model.encoder_dims()[0] * 4  # [B, N, D] fp32 targets, alive until the loss
+    layers = activation_layers(cfg, B, tok, prec, checkpointing, attention)
+    extra_bwd = target_out + backward_workspace_bytes(cfg, B, tok, prec) + P * prec.weight_copy_bytes
+    if checkpointing:
+        extra_bwd += recompute_bytes(cfg, B, tok, prec, attention)
+    bwd_acts, bwd_grads = backward_peak(layers, stage, P, g, N)
+    step_grads = step_grad_bytes(stage, P, g, N)
+    phases = {  # column -> bytes added on top of the persistent state
+        "target_forward": {"activations": target_out + target_forward_bytes(cfg, B, prec),
+                           "ema": 4 * (whole.target + whole.target_buffer)},
+        "backward": {"activations": bwd_acts + extra_bwd, "grads": bwd_grads,
+                     "params": p * (whole.live + whole.buffer)},
+        "grad_reduce": {"buffers": stage3_reduce_bytes(P, g, resident) if stage == 3 else 0.0},
+        "optimizer_step": {"grads": step_grads - held, "optimizer": moments - optimizer},
+    }
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    add = {k: 0.0 for k in ("params", "grads", "optimizer", "ema", "activations", "buffers")}
+    add.update(phases[peak_phase])
+    total = params + optimizer + master + ema + buffers + held + overhead + sum(add.values())
+    return MemoryPlan(stage, checkpointing, float(params + add["params"]), float(held + add["grads"]),
+                      float(optimizer + add["optimizer"]), float(master), float(ema + add["ema"]),
+                      float(add["activations"]), float(buffers + add["buffers"]), float(overhead), float(total),
+                      peak_phase, float(sum(L.saved for L in layers) + extra_bwd), float(sum(L.grads for L in layers)),
+                      float(step_grads))
 
 
 def memory_plan(cfg: IWMConfig, stage: int, ranks: int, prec: Precision, checkpointing: bool,
                 tok: TokenStats, attention: str = "packed", overhead_bytes: float = CUDA_OVERHEAD_GIB * GiB,
                 batch: Optional[int] = None, resident: bool = False) -> MemoryPlan:
-    """Estimated per-rank peak memory of one training step (see docs/plan.md for every term).
+    """Estimated per-rank peak memory of a training step from the second on (see docs/plan.md for every term);
+    ``first_step_total`` / ``first_step_phase``: the first step's.
 
     stage 0 is plain data parallel (DDP-style all-reduce, or one process); stages 1-3 follow DeepSpeed
     ZeRO with its default buckets. `ranks` is the data-parallel world size N.
 
-    `resident`: what a CPU process's resident set holds rather than what a GPU allocator hands out. The two
+    `resident`: a CPU rank (gloo), counting its resident set rather than what a GPU allocator hands out. The two
     differ in DeepSpeed's reduce bucket, a `torch.empty` of 5e8 elements: CUDA's allocator counts all of it,
     but a CPU page is resident only once written, and a backward writes at most the model's P gradient
-    elements into it (measured: benchmarks/full_size.py, docs/plan.md "Full size on the CPU")."""
+    elements into it; and gloo's reduce-scatter clones its input where NCCL's does not
+    (:func:`stage3_reduce_bytes`; measured: benchmarks/full_size.py, docs/plan.md "Full size on the CPU")."""
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ZeRO stage {stage}: use 0, 1, 2 or 3")
     if ranks < 1:
         raise ConfigError(f"ranks={ranks}: need at least one GPU")
-    B = batch or cfg.data.batch_size
-    N = ranks
-    counts = param_counts(cfg)
-    P, PT = counts["trainable"], counts["target_encoder"]
-    p, g = prec.param_bytes, prec.grad_bytes
-
-    params, optimizer, master, ema, buffers = persistent_bytes(cfg, stage, N, prec, P, PT, resident)
-    persistent = params + optimizer + master + ema + buffers + overhead_bytes
-
-    # ---- phase 1: target-encoder forward (no grad) ----
-    n = (cfg.data.img_size // cfg.model.patch_size) ** 2
-    dim = cfg.model.encoder_dims()[0]
-    target_out = B * n * dim * 4  # [B, N, D] fp32 targets, alive until the loss
-    target_gather = target_gather_bytes(cfg, stage, N)
-    phase_target = target_out + target_forward_bytes(cfg, B, prec) + target_gather
-
-    # ---- phase 2: backward; activations freed layer by layer while gradients appear ----
-    layers = activation_layers(cfg, B, tok, prec, checkpointing, attention)
-    acts_full = sum(L.saved for L in layers)
-    grads_full = sum(L.grads for L in layers)
-    weight_copies = P * prec.weight_copy_bytes  # autocast's bf16 casts of the weights, saved for backward
-    extra_bwd = target_out + backward_workspace_bytes(cfg, B, tok, prec) + weight_copies
-    if checkpointing:
-        extra_bwd += recompute_bytes(cfg, B, tok, prec, attention)
-    bwd_acts, bwd_grads = backward_peak(layers, stage, P, g, N)
-    phase_bwd = bwd_acts + bwd_grads + extra_bwd
-
-    # ---- phase 3: optimizer step ----
-    step_grads = step_grad_bytes(stage, P, g, N)
-    phase_step = step_grads
-
-    phases = {"target_forward": phase_target, "backward": phase_bwd, "optimizer_step": phase_step}
-    peak_phase = max(phases, key=phases.get)
-    if peak_phase == "backward":
-        acts_at_peak, grads_at_peak = bwd_acts + extra_bwd, bwd_grads
-    elif peak_phase == "optimizer_step":
-        acts_at_peak, grads_at_peak = 0.0, step_grads
-    else:
-        acts_at_peak, grads_at_peak = phase_target, 0.0
-    total = persistent + phases[peak_phase]
-    return MemoryPlan(stage, checkpointing, float(params), float(grads_at_peak), float(optimizer),
-                      float(master), float(ema), float(acts_at_peak), float(buffers), float(overhead_bytes),
-                      float(total), peak_phase, float(acts_full + extra_bwd), float(grads_full),
-                      float(step_grads))
+    args = (cfg, stage, ranks, prec, checkpointing, tok, attention, overhead_bytes, batch or cfg.data.batch_size,
+            resident)
+    steady, first = step_memory(*args, first_step=False), step_memory(*args, first_step=True)
+    steady.first_step_total, steady.first_step_phase = first.total, first.peak_phase
+    return steady
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from engine.config import ConfigError, IWMConfig
 from engine.models import IWM
 from engine.cli import plan_main
 from engine.plan import (GPUS, PRECISIONS, TokenStats, activation_layers, block_params, block_saved_bytes,
-                         comm_bytes, link_bandwidth, load_recipe, memory_plan, param_counts, time_plan)
+                         comm_bytes, link_bandwidth, load_recipe, memory_plan, param_counts, param_tensors,
+                         persistent_bytes, reuse_kept_elements, stage3_gathered, time_plan)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FP32 = PRECISIONS["fp32"]
@@ -80,7 +81,21 @@ def test_memory_plan_by_hand_tiny():
     assert m1.params == 4 * P and m1.optimizer == 8 * P / N and m1.master == 4 * P / N
     assert m1.buffers == 5e8 * 4 and m1.ema == 4 * enc
     m3 = memory_plan(cfg, 3, N, FP32, False, tok, "packed", overhead_bytes=0.0)
-    assert m3.ema == 4 * enc / N and m3.master == 0  # fp32 module: stage 3 reuses its partition
+    assert persistent_bytes(cfg, 3, N, FP32, P, enc)[3] == 4 * enc / N
+    assert m3.master == 4 * P / N  # stage 3 clones its fp32 partition like stages 1-2
+    # every trained tensor here is under the persistence threshold: replicated whole besides its partition
+    assert m3.params == 4 * P / N + 4 * P and m3.grads == 4 * P / N  # + the gradient partitions, from init on
+    # the target encoder is partitioned whole and gathered whole in its forward, through one flat buffer
+    assert m3.peak_phase == "target_forward" and m3.ema == 4 * enc / N + 2 * 4 * enc
+    # on the CPU (resident): the bucket's written pages, and the reduction's two copies of the P gradients at the
+    # end of the backward (DeepSpeed's interleaved copy, gloo's clone of it)
+    cpu = memory_plan(cfg, 3, N, FP32, False, tok, "packed", overhead_bytes=0.0, resident=True)
+    assert cpu.peak_phase == "grad_reduce" and cpu.buffers == 4 * P + 2 * 4 * P and cpu.activations == 0
+    assert m3.buffers - 5e8 * 4 == 0  # the GPU's bucket, allocated whole
+    # the first step: torch's AdamW allocates its moments in its first step(), so they are not there before it
+    assert cpu.first_step_total == pytest.approx(cpu.total - cpu.optimizer)
+    assert m0.first_step_phase == "optimizer_step" and m0.first_step_total == pytest.approx(
+        4 * P + 4 * enc + 4 * P + 8 * P)  # params + target + gradients through the step + the new moments
     # the components at the peak add up to the total
     for m in (m0, m1, m3):
         parts = m.params + m.grads + m.optimizer + m.master + m.ema + m.activations + m.buffers + m.overhead
@@ -95,15 +110,17 @@ def test_zero_stages_divide_by_n():
     m = {s: memory_plan(cfg, s, N, PRECISIONS["autocast"], False, tok) for s in (0, 1, 2, 3)}
     assert m[1].optimizer == m[0].optimizer / N == 8 * P / N
     assert m[2].optimizer == m[3].optimizer == m[1].optimizer
-    assert m[1].params == m[2].params == 4 * P > m[3].params
-    assert m[3].params < 4 * P / N + 0.2 * 4 * P  # own partition + small params + one gathered block
+    assert m[1].params == m[2].params == 4 * P
+    # ZeRO-3 with DeepSpeed's defaults: the reuse distance (1e9 elements) keeps the forward's last 5e8 elements
+    # whole into the backward, plus one prefetch and one flat gather buffer: at the backward's start ViT-H/14's
+    # ZeRO-3 rank holds about as many parameters as a ZeRO-1 rank (lower stage3_max_reuse_distance to change it)
+    assert m[3].peak_phase == "backward" and 0.9 * 4 * P < m[3].params < 1.1 * 4 * P
     assert m[1].ema == m[2].ema == N * m[3].ema
     # gradients held through the optimizer step: full module + fp32 partition, then partitions only
     assert m[0].grads_step == 4 * P
     assert m[1].grads_step == pytest.approx(4 * P + 4 * P / N)
     assert m[2].grads_step == pytest.approx(8 * P / N)
-    assert m[3].grads_step == pytest.approx(4 * P / N)
-    assert m[1].total - m[1].buffers > m[3].total - m[3].buffers
+    assert m[3].grads_step == pytest.approx(8 * P / N)  # the gradient partitions + the fp32 copy AdamW steps on
 
 
 def test_activation_checkpointing_lowers_activations():
@@ -172,6 +189,79 @@ def test_saved_activations_match_autograd(monkeypatch):
     tok = TokenStats(16, sum(c) / B, sum(t) / B, max(c), max(a + b for a, b in zip(c, t)), B)
     estimate = sum(L.saved for L in activation_layers(cfg, B, tok, FP32, False, "padded"))
     assert estimate == pytest.approx(sum(saved.values()), rel=0.02)
+
+
+def zero3_trace(model) -> list:
+    """DeepSpeed's ZeRO-3 trace of one training step: every module in the order its forward pre-hook fires, each
+    with the trainable parameters its hook fetches (its own and those registered as external), then the same
+    modules in reverse order for the backward."""
+    from engine.masks import MaskSampler
+    from kernels import dispatch
+
+    external = {}
+    for module, param in model.external_parameters():
+        external.setdefault(id(module), []).append(param)
+    order = []
+    handles = [m.register_forward_pre_hook(lambda mod, *_: order.append(mod)) for m in model.modules()]
+    cfg = model.cfg
+    B, grid = 2, cfg.data.img_size // cfg.model.patch_size
+    masks = MaskSampler(cfg.masks, grid, grid).sample(B, torch.Generator().manual_seed(0))
+    with dispatch.backend("reference", attention="sdpa"), torch.no_grad():
+        model(torch.randn(B, 3, cfg.data.img_size, cfg.data.img_size), masks, torch.randn(B, cfg.views.action_dim))
+    for h in handles:
+        h.remove()
+    fetched = [[p for p in list(m.parameters(recurse=False)) + external.get(id(m), []) if p.requires_grad]
+               for m in order]
+    return fetched + fetched[::-1]
+
+
+def kept_by_release_rule(trace: list, max_reuse: int, threshold: int) -> int:
+    """DeepSpeed's __params_to_release, written out: after a module's forward, its parameters above the threshold
+    are released unless one of them is fetched again before max_reuse elements of fetched parameters have passed
+    (counted module by module from the next one). Returns the elements still whole when the forward ends."""
+    kept = 0
+    for i in range(len(trace) // 2):
+        candidates = {id(p): p.numel() for p in trace[i] if p.numel() > threshold}
+        seen, traversed = set(), 0
+        for params in trace[i + 1:]:
+            if traversed >= max_reuse:
+                break
+            seen |= {id(p) for p in params}
+            traversed += sum(p.numel() for p in params)
+        kept += sum(n for k, n in candidates.items() if k in seen)
+    return kept
+
+
+def test_zero3_reuse_distance_keeps_what_deepspeeds_release_rule_keeps():
+    cfg = tiny_config("feature")
+    cfg.data.img_size, cfg.model.patch_size, cfg.model.embed_dim = 32, 8, 32
+    cfg.model.depth, cfg.model.predictor_depth = 6, 6
+    torch.manual_seed(0)
+    model = IWM(cfg)
+    model.cfg = cfg
+    trace = zero3_trace(model)
+    tensors = param_tensors(cfg)["encoder"] + param_tensors(cfg)["predictor"]
+    total = sum(tensors)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == total
+    block = block_params(cfg.model.embed_dim, cfg.model.mlp_ratio)  # the rule acts per module, the plan per tensor
+    for threshold in (0, 100, 1000):
+        partitioned = sum(n for n in tensors if n > threshold)
+        for max_reuse in (0, 1000, total // 4, total // 2, total, 3 * total // 2, 2 * total, 10 ** 9):
+            plan = reuse_kept_elements(tensors, max_reuse, threshold)
+            assert abs(plan - kept_by_release_rule(trace, max_reuse, threshold)) <= block, (threshold, max_reuse)
+            if max_reuse == 0 or max_reuse >= 2 * total:
+                assert plan == kept_by_release_rule(trace, max_reuse, threshold) == (max_reuse and partitioned)
+
+
+def test_zero3_gathers_nothing_on_one_rank_and_module_by_module_in_the_first_step():
+    cfg = load_recipe(os.path.join(ROOT, "recipes", "pretrain_vitb_inv.py"))
+    assert stage3_gathered(cfg, 1).live == stage3_gathered(cfg, 1).target == 0  # the partition is the parameter
+    first, later = stage3_gathered(cfg, 2, first_step=True), stage3_gathered(cfg, 2)
+    largest = max(max(t) for t in param_tensors(cfg).values())
+    assert first.live == first.buffer == largest  # the trace is recorded: no prefetch, released after each module
+    P = param_counts(cfg)["trainable"]
+    assert later.live > 0.99 * P  # ViT-B + 12 x 384 is far under half the reuse distance: all of it stays whole
+    assert later.target == param_counts(cfg)["target_encoder"]
 
 
 def test_measured_cpu_peak_within_25_percent():
