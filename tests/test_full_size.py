@@ -56,18 +56,7 @@ def stored_rows() -> list:
     return list(rows.values())
 
 
-# the known gap, kept visible: ViT-L/16 at ZeRO-0, one rank, step 2 measured 9.21 GiB against a plan of 7.67
-# (0.833; step 1: 1.002). ZeRO-0 frees the gradients after each step (DeepSpeedEngine.zero_grad), so the extra
-# ~1.5 GiB (about 4 bytes per trainable parameter) is not traced yet (docs/plan.md). strict: mending it fails here.
-KNOWN_GAPS = {"vitl_equi": "the plan is 17% low on ViT-L/16's second step (docs/plan.md)"}
-
-
-def with_known_gaps(rows: list) -> list:
-    return [pytest.param(r, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[r["name"]]))
-            if r["name"] in KNOWN_GAPS else r for r in rows]
-
-
-@pytest.mark.parametrize("row", with_known_gaps(stored_rows()), ids=lambda r: r["name"])
+@pytest.mark.parametrize("row", stored_rows(), ids=lambda r: r["name"])
 def test_plan_is_within_15_percent_of_each_measured_step(row):
     """engine.plan now against the stored full-size measurements: the first step against first_step_total, the
     second (steady state) against total."""

@@ -398,7 +398,7 @@ def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: flo
         master = 4 * P / N
     ema = 4 * PT / (N if stage == 3 else 1)
     if stage == 0:
-        buffers = min(REDUCE_BUCKET_SIZE, P) * g if N > 1 else 0.0
+        buffers = 0.0  # its all-reduce bucket is a transient copy: the grad_reduce phase (:func:`step_memory`)
     elif stage in (1, 2):
         # the contiguous-gradient IPG bucket: torch.empty(reduce_bucket_size) in the reduction dtype
         # (fp32 for stage 1, the gradient dtype for stage 2); overlap_comm is off by default for 1-2
@@ -406,6 +406,16 @@ def persistent_bytes(cfg: IWMConfig, stage: int, N: int, prec: Precision, P: flo
     else:
         buffers = bucket * g
     return params, optimizer, master, ema, buffers
+
+
+def reduce_phase(stage: int, P: int, g: float, resident: bool) -> Dict[str, float]:
+    """What the gradient reduction adds at the backward's end. Stage 0: every module gradient, and
+    DeepSpeedEngine.allreduce_bucket's flat copy of them (``self.flatten(bucket)``, buckets of up to 5e8
+    elements; made on one rank too, freed after the copy back; measured: ViT-L/16's second step). Stage 3:
+    :func:`stage3_reduce_bytes`. Stages 1-2 reduce into their persistent IPG bucket."""
+    if stage == 0:
+        return {"grads": P * g, "buffers": min(REDUCE_BUCKET_SIZE, P) * g}
+    return {"buffers": stage3_reduce_bytes(P, g, resident) if stage == 3 else 0.0}
 
 
 def backward_peak(layers, stage: int, P: int, g: float, N: int) -> Tuple[float, float]:
@@ -460,7 +470,7 @@ def step_memory(cfg: IWMConfig, stage: int, N: int, prec: Precision, checkpointi
                            "ema": 4 * (whole.target + whole.target_buffer)},
         "backward": {"activations": bwd_acts + extra_bwd, "grads": bwd_grads,
                      "params": p * (whole.live + whole.buffer)},
-        "grad_reduce": {"buffers": stage3_reduce_bytes(P, g, resident) if stage == 3 else 0.0},
+        "grad_reduce": reduce_phase(stage, P, g, resident),
         "optimizer_step": {"grads": step_grads - held, "optimizer": moments - optimizer},
     }
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))

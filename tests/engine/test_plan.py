@@ -75,7 +75,11 @@ def test_memory_plan_by_hand_tiny():
     tok = TokenStats(4, 2.0, 2.0, 2.0, 4.0, 2)
     m0 = memory_plan(cfg, 0, 1, FP32, False, tok, "packed", overhead_bytes=0.0)
     assert m0.params == 4 * P and m0.optimizer == 8 * P and m0.ema == 4 * enc
-    assert m0.master == 0 and m0.buffers == 0 and m0.grads_full == 4 * P
+    assert m0.master == 0 and m0.grads_full == 4 * P
+    # stage 0's peak here (tiny activations): the backward's end, every gradient and DeepSpeed's flat all-reduce
+    # copy of them (one bucket: P < 5e8), on one rank too
+    assert m0.peak_phase == "grad_reduce" and m0.grads == 4 * P and m0.buffers == 4 * P and m0.activations == 0
+    assert m0.total == pytest.approx(4 * P + 8 * P + 4 * enc + 4 * P + 4 * P)
     N = 4
     m1 = memory_plan(cfg, 1, N, FP32, False, tok, "packed", overhead_bytes=0.0)
     assert m1.params == 4 * P and m1.optimizer == 8 * P / N and m1.master == 4 * P / N
