@@ -2,6 +2,7 @@
 folder readers. Test files import from here, never from one another."""
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -80,7 +81,7 @@ def deepspeed_launcher():
     return os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
-def run_ranks(args, ranks: int = 2, timeout: float = 500, env=None) -> subprocess.CompletedProcess:
+def run_ranks(args, ranks: int = 2, timeout: float = 500) -> subprocess.CompletedProcess:
     """``python ARGS`` as ``ranks`` processes on this host, each given the variables a launcher sets (RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port): what ``deepspeed --num_gpus N`` starts,
     without its two interpreters above the ranks (the tests of the launcher itself start it). Returns the
@@ -92,7 +93,7 @@ def run_ranks(args, ranks: int = 2, timeout: float = 500, env=None) -> subproces
     from engine.distributed import free_port, remove_shm_buffers
 
     port, procs, logs = free_port(), [], []
-    base = subprocess_env() if env is None else env
+    base = subprocess_env()
     for r in range(ranks):
         logs.append(tempfile.TemporaryFile(mode="w+"))
         rank_env = dict(base, RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
@@ -108,7 +109,7 @@ def run_ranks(args, ranks: int = 2, timeout: float = 500, env=None) -> subproces
         time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
-            os.killpg(p.pid, 9)
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     remove_shm_buffers(port)  # a killed rank cannot remove its own
     text = ""
@@ -119,6 +120,16 @@ def run_ranks(args, ranks: int = 2, timeout: float = 500, env=None) -> subproces
     codes = [p.returncode for p in procs]
     worst = next((c for c in codes if c != 0), 0)
     return subprocess.CompletedProcess(args, worst, text, "")
+
+
+def pretrain_on_ranks(runs, ranks: int = 2) -> None:
+    """``tests/engine/pretrain_ranks.py`` on ``ranks`` ranks (:func:`run_ranks`), each (out, steps, overrides)
+    of ``runs`` in turn in the same processes; asserts they all finished."""
+    args = ["tests/engine/pretrain_ranks.py"]
+    for i, (out, steps, overrides) in enumerate(runs):
+        args += (["--then"] if i else []) + [str(out), str(steps), *overrides]
+    p = run_ranks(args, ranks)
+    assert p.returncode == 0, p.stdout[-6000:]
 
 
 def run_eval(*args):

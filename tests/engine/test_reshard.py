@@ -18,7 +18,7 @@ import torch
 
 from engine.checkpoint import convert_to_universal
 from engine.config import load_recipe
-from tests.helpers import ROOT, TINY, run_ranks
+from tests.helpers import ROOT, TINY, pretrain_on_ranks
 
 STEPS, SAVED = 6, 3
 LOSS_RTOL = 0.03
@@ -40,12 +40,8 @@ def run_one_rank(out, stage, steps=STEPS):
 
 
 def run_two_ranks(*runs):
-    """One pair of ranks (tests.helpers.run_ranks) running each (out, stage) in turn, STEPS steps."""
-    args = ["tests/engine/pretrain_ranks.py"]
-    for i, (out, stage) in enumerate(runs):
-        args += (["--then"] if i else []) + [str(out), str(STEPS), *sets(stage)]
-    p = run_ranks(args)
-    assert p.returncode == 0, p.stdout[-6000:]
+    """One pair of ranks running each (out, stage) in turn, STEPS steps."""
+    pretrain_on_ranks([(out, STEPS, sets(stage)) for out, stage in runs])
 
 
 def losses(out):

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import TINY, eval_in_process, run_ranks
+from tests.helpers import TINY, eval_in_process, pretrain_on_ranks
 
 STEPS = 6
 
@@ -23,13 +23,8 @@ def sets(stage):
 
 
 def launch(*runs):
-    """One pair of ranks (tests.helpers.run_ranks) running each (out, stage, steps) in turn."""
-    args = ["tests/engine/pretrain_ranks.py"]
-    for i, (out, stage, steps) in enumerate(runs):
-        args += (["--then"] if i else []) + [str(out), str(steps), *sets(stage)]
-    p = run_ranks(args)
-    assert p.returncode == 0, p.stdout[-6000:]
-    return p
+    """One pair of ranks running each (out, stage, steps) in turn."""
+    pretrain_on_ranks([(out, steps, sets(stage)) for out, stage, steps in runs])
 
 
 def losses(out, column="loss"):
